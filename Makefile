@@ -1,0 +1,49 @@
+# The project's two commands: `make demo` and `make test`. Each installs what it needs first:
+# Debian packages (apt-get, through sudo when not root) and a .venv built from Debian's
+# /usr/bin/python3 -- the interpreter nbdkit's python plugin embeds -- with system site
+# packages visible so Debian's python3-libnbd (the `nbd` module) imports in tests.
+
+SHELL := /bin/bash
+PYTHON_SYSTEM := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+APT_PACKAGES := python3 python3-venv python3-dev gcc openssl \
+	qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio \
+	busybox-static linux-image-amd64 cpio xz-utils iproute2 nftables procps
+
+.PHONY: deps venv test demo bench lint clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+test: venv
+	$(PY) -m ruff check rblock hvctl tests benchmarks tools
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) tools/demo.py
+
+bench: venv
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+lint: venv
+	$(PY) -m ruff check rblock hvctl tests benchmarks tools
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""hvctl: a thin libvirt controller for KVM guests on rblock disks (see its issue)."""

@@ -1,0 +1,3 @@
+from rblock.cli import main
+
+raise SystemExit(main())
