@@ -1,0 +1,603 @@
+#!/usr/bin/env python3
+"""Benchmark `rblock serve` against qemu-nbd and nbdkit file with fio's nbd engine.
+
+Every server gets a fresh sparse image of the same size and is started fresh for each
+(job, repetition, server) run, then stopped by PID. Servers alternate inside each
+repetition so slow drift of a shared machine hits all of them alike. The table shows
+medians over repetitions and the IOPS ratio to qemu-nbd (median of per-repetition ratios).
+
+    .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--servers a,b] [--jobs x,y]
+
+Standard library only; see benchmarks/README.md.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+EXPORT_NAME = "bench"
+DEFAULT_RUNTIME_S = 10
+QUICK_RUNTIME_S = 2
+DEFAULT_SIZE = "1G"
+SERVER_READY_TIMEOUT_S = 30.0
+SERVER_STOP_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 5.0
+PROBE_INTERVAL_S = 0.1
+FIO_GRACE_S = 120
+QEMU_NBD_MAX_CLIENTS = 8
+LOG_TAIL_LINES = 15
+FIO_ERROR_CHARS = 800
+BASELINE_SERVER = "qemu-nbd"
+TARGET_RATIO = 1.0
+TARGET_JOBS = ("randwrite-4k-qd16", "write-1m-qd8")
+PREFILL_BLOCK_SIZE = "1M"
+PREFILL_IODEPTH = 8
+BYTES_PER_MB = 1_000_000
+NS_PER_US = 1_000
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+REQUIRED_TOOLS = ("fio", "nbdinfo")
+SERVER_TOOLS = {"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit"}
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fio workload; `section` is the key of its figures in fio's JSON."""
+
+    name: str
+    rw: str
+    block_size: str
+    iodepth: int
+    section: str
+    needs_prefill: bool = False
+
+
+JOBS = (
+    Job("randwrite-4k-qd1", "randwrite", "4k", 1, "write"),
+    Job("randwrite-4k-qd16", "randwrite", "4k", 16, "write"),
+    Job("randread-4k-qd16", "randread", "4k", 16, "read", needs_prefill=True),
+    Job("write-1m-qd8", "write", "1M", 8, "write"),
+)
+JOBS_BY_NAME = {job.name: job for job in JOBS}
+SERVERS = ("rblock", "qemu-nbd", "nbdkit")
+JOB_NAME_WIDTH = max(len(job.name) for job in JOBS)
+
+
+@dataclass
+class RunResult:
+    job: str
+    server: str
+    repetition: int
+    iops: float = 0.0
+    bw_bytes: float = 0.0
+    clat_p50_ns: float = 0.0
+    clat_p99_ns: float = 0.0
+    duration_s: float = 0.0
+    fio_command: str = ""
+    error: str | None = None
+    warning: str | None = None
+
+
+@dataclass
+class Summary:
+    job: str
+    server: str
+    runs_ok: int
+    iops: float
+    bw_bytes: float
+    clat_p50_ns: float
+    clat_p99_ns: float
+    ratio_to_baseline: float | None
+
+
+@dataclass
+class RunningServer:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    uri: str
+
+
+class BenchError(Exception):
+    """A server or fio failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_size(text: str) -> int:
+    """'1G' -> 1073741824 (binary suffixes K, M, G, T; an optional trailing 'B'/'iB')."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
+    number = value[: len(value) - len(suffix)]
+    try:
+        size_bytes = int(float(number) * SIZE_SUFFIXES[suffix])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from exc
+    if size_bytes <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size_bytes
+
+
+def parse_subset(choices: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {unknown or text!r}; choose from {','.join(choices)}"
+            )
+        return [name for name in choices if name in names]
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="fio (ioengine=nbd) comparison of rblock serve, qemu-nbd and nbdkit file",
+    )
+    parser.add_argument("--runtime-s", type=int, default=None,
+                        help=f"seconds per fio run (default {DEFAULT_RUNTIME_S}, "
+                             f"{QUICK_RUNTIME_S} with --quick)")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions per job (default 1)")
+    parser.add_argument("--size", type=parse_size, default=parse_size(DEFAULT_SIZE),
+                        help=f"image size, e.g. 512M, 1G (default {DEFAULT_SIZE})")
+    parser.add_argument("--jobs", type=parse_subset([job.name for job in JOBS]),
+                        default=[job.name for job in JOBS],
+                        help="comma-separated subset of: " + ",".join(JOBS_BY_NAME))
+    parser.add_argument("--servers", type=parse_subset(SERVERS), default=list(SERVERS),
+                        help="comma-separated subset of: " + ",".join(SERVERS))
+    parser.add_argument("--json", type=Path, metavar="OUT",
+                        help="also write machine info, raw runs and summary as JSON")
+    parser.add_argument("--workdir", type=Path,
+                        help="where images and server logs go (default: a temp dir, removed)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {QUICK_RUNTIME_S} s per run")
+    args = parser.parse_args(argv)
+    if args.runtime_s is None:
+        args.runtime_s = QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S
+    if args.runtime_s < 1 or args.repeat < 1:
+        parser.error("--runtime-s and --repeat must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def first_line(command: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unavailable"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory_gib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / (1 << 30)
+    return 0.0
+
+
+def machine_info() -> dict[str, str]:
+    return {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_gib():.0f} GiB",
+        "kernel": platform.release(),
+        "loadavg": " ".join(f"{load:.2f}" for load in os.getloadavg()),
+        "python": platform.python_version(),
+        "fio": first_line(["fio", "--version"]),
+        "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "rblock": first_line(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
+    }
+
+
+def print_header(info: dict[str, str], args: argparse.Namespace, workdir: Path) -> None:
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, "
+          f"kernel {info['kernel']}, loadavg {info['loadavg']}")
+    print(f"tools:   {info['fio']}; {info['qemu-nbd']}; {info['nbdkit']}; "
+          f"python {info['python']}; rblock git {info['rblock']}")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"setup:   image {args.size} bytes (fresh sparse file per run), "
+          f"runtime {args.runtime_s} s, repeat {args.repeat}, workdir {workdir}")
+    print(f"fio:     {shlex.join(fio_command(JOBS_BY_NAME[args.jobs[0]], 'URI', args))}")
+    print(flush=True)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def server_command(server: str, image: Path, port: int) -> list[str]:
+    if server == "rblock":
+        return [sys.executable, "-m", "rblock", "serve", str(image),
+                "--listen", f"{HOST}:{port}", "--export", EXPORT_NAME]
+    if server == "qemu-nbd":
+        # Foreground child so we know its PID; -t persistent, -e several clients.
+        return ["qemu-nbd", "-f", "raw", "-t", "-e", str(QEMU_NBD_MAX_CLIENTS),
+                "-b", HOST, "-p", str(port), "-x", EXPORT_NAME, str(image)]
+    if server == "nbdkit":
+        return ["nbdkit", "-f", "-i", HOST, "-p", str(port), "-e", EXPORT_NAME,
+                "file", str(image)]
+    raise ValueError(f"unknown server {server!r}")
+
+
+def log_tail(log_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return "\n    ".join(["server log tail:", *lines[-LOG_TAIL_LINES:]])
+    return "(server log empty)"
+
+
+def probe_size(uri: str) -> int | None:
+    """The export size if an NBD handshake with `uri` succeeds, else None."""
+    try:
+        done = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    try:
+        return int(done.stdout.strip())
+    except ValueError:
+        return None
+
+
+def wait_until_serving(server: RunningServer, size_bytes: int) -> None:
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(f"{server.name} exited with status {server.process.returncode} "
+                             f"before serving\n    {log_tail(server.log_path)}")
+        size = probe_size(server.uri)
+        if size is not None:
+            if size != size_bytes:
+                raise BenchError(f"{server.name} reports size {size}, expected {size_bytes}")
+            return
+        time.sleep(PROBE_INTERVAL_S)
+    raise BenchError(f"{server.name} not serving {server.uri} after {SERVER_READY_TIMEOUT_S} s"
+                     f"\n    {log_tail(server.log_path)}")
+
+
+def stop_server(server: RunningServer) -> None:
+    """SIGTERM by PID, wait, then SIGKILL if it lingers."""
+    process = server.process
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"  warning: {server.name} (pid {process.pid}) ignored SIGTERM; killing",
+              file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def serving(server: str, image: Path, log_path: Path, size_bytes: int) -> Iterator[RunningServer]:
+    """Start `server` on `image`, wait until it answers, and always stop it afterwards."""
+    port = free_port()
+    with open(log_path, "ab") as log:
+        # Own session: Ctrl-C reaches only us, and we stop the server ourselves.
+        process = subprocess.Popen(server_command(server, image, port), stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   start_new_session=True)
+    running = RunningServer(server, process, log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}")
+    try:
+        wait_until_serving(running, size_bytes)
+        yield running
+    finally:
+        stop_server(running)
+
+
+# --------------------------------------------------------------------------- fio
+
+
+def fio_command(job: Job, uri: str, args: argparse.Namespace) -> list[str]:
+    return ["fio", f"--name={job.name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
+            f"--bs={job.block_size}", f"--iodepth={job.iodepth}", f"--size={args.size}",
+            "--time_based", f"--runtime={args.runtime_s}", "--output-format=json"]
+
+
+def prefill_command(uri: str, size_bytes: int) -> list[str]:
+    """Write the whole export once (fio's default buffers are random, not zero)."""
+    return ["fio", "--name=prefill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
+            f"--bs={PREFILL_BLOCK_SIZE}", f"--iodepth={PREFILL_IODEPTH}", f"--size={size_bytes}",
+            "--output-format=json"]
+
+
+def run_fio(command: list[str], timeout_s: float) -> dict:
+    """Run fio; return jobs[0] of its JSON (text before the first '{' line is dropped)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"fio timed out after {timeout_s:.0f} s") from exc
+    lines = done.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("{")), None)
+    if done.returncode != 0 or start is None:
+        preamble = "\n".join(lines[:start]).strip()
+        detail = (done.stderr.strip() or preamble or "no error text")[-FIO_ERROR_CHARS:]
+        raise BenchError(f"fio exited with status {done.returncode}: {detail}")
+    try:
+        fio_job = json.loads("\n".join(lines[start:]))["jobs"][0]
+    except (json.JSONDecodeError, KeyError, IndexError) as exc:
+        raise BenchError(f"cannot parse fio JSON: {exc}") from exc
+    if fio_job.get("error"):
+        detail = done.stderr.strip()[-FIO_ERROR_CHARS:]
+        raise BenchError(f"fio job error {fio_job['error']}: {detail}")
+    return fio_job
+
+
+def fill_result(result: RunResult, job: Job, fio_job: dict) -> None:
+    section = fio_job[job.section]
+    percentiles = section["clat_ns"].get("percentile", {})
+    result.iops = float(section["iops"])
+    result.bw_bytes = float(section["bw_bytes"])
+    result.clat_p50_ns = float(percentiles.get("50.000000", 0.0))
+    result.clat_p99_ns = float(percentiles.get("99.000000", 0.0))
+    if result.iops <= 0:
+        raise BenchError(f"fio completed no {job.section}s")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def fresh_image(path: Path, size_bytes: int) -> None:
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as image:
+        image.truncate(size_bytes)
+
+
+def run_one(job: Job, server: str, repetition: int, args: argparse.Namespace,
+            workdir: Path) -> RunResult:
+    """Fresh image (prefilled through a first server instance if the job reads), fresh server."""
+    result = RunResult(job.name, server, repetition)
+    image = workdir / f"{server}.img"
+    log_path = workdir / f"{job.name}.r{repetition}.{server}.log"
+    fio_timeout_s = args.runtime_s + FIO_GRACE_S
+    started = time.monotonic()
+    try:
+        fresh_image(image, args.size)
+        if job.needs_prefill:
+            with serving(server, image, log_path, args.size) as running:
+                run_fio(prefill_command(running.uri, args.size), fio_timeout_s)
+        with serving(server, image, log_path, args.size) as running:
+            command = fio_command(job, running.uri, args)
+            result.fio_command = shlex.join(command)
+            fill_result(result, job, run_fio(command, fio_timeout_s))
+            if running.process.poll() is not None:
+                raise BenchError(f"{server} exited with status {running.process.returncode} "
+                                 f"during fio\n    {log_tail(log_path)}")
+    except BenchError as exc:
+        result.error = str(exc)
+    finally:
+        image.unlink(missing_ok=True)
+        result.duration_s = time.monotonic() - started
+    if not result.error and log_mentions_traceback(log_path):
+        result.warning = f"{server} logged a traceback\n    {log_tail(log_path)}"
+    return result
+
+
+def log_mentions_traceback(log_path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return "Traceback" in log_path.read_text(errors="replace")
+    return False
+
+
+def server_order(servers: Sequence[str], repetition: int) -> list[str]:
+    """Rotate the start position each repetition so no server always runs first."""
+    shift = repetition % len(servers)
+    return [*servers[shift:], *servers[:shift]]
+
+
+def describe(result: RunResult) -> str:
+    if result.error:
+        return f"FAILED: {result.error}"
+    figures = (f"{result.iops:9.0f} IOPS {result.bw_bytes / BYTES_PER_MB:8.1f} MB/s "
+               f"p50 {format_us(result.clat_p50_ns)} us p99 {format_us(result.clat_p99_ns)} us")
+    return f"{figures}\n  warning: {result.warning}" if result.warning else figures
+
+
+def run_all(args: argparse.Namespace, workdir: Path, results: list[RunResult]) -> None:
+    total = len(args.jobs) * args.repeat * len(args.servers)
+    for job_name in args.jobs:
+        job = JOBS_BY_NAME[job_name]
+        for repetition in range(args.repeat):
+            for server in server_order(args.servers, repetition):
+                print(f"[{len(results) + 1}/{total}] {job.name:{JOB_NAME_WIDTH}s} "
+                      f"rep {repetition + 1} {server:8s} ", end="", flush=True)
+                result = run_one(job, server, repetition, args, workdir)
+                results.append(result)
+                print(describe(result), flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def paired_ratio(ok: list[RunResult], baseline: list[RunResult]) -> float | None:
+    """Median over repetitions of IOPS / baseline IOPS in the same repetition."""
+    base_by_rep = {result.repetition: result.iops for result in baseline}
+    ratios = [result.iops / base_by_rep[result.repetition]
+              for result in ok if base_by_rep.get(result.repetition)]
+    return statistics.median(ratios) if ratios else None
+
+
+def summarize(results: list[RunResult], args: argparse.Namespace) -> list[Summary]:
+    summaries = []
+    for job_name in args.jobs:
+        baseline = [r for r in results
+                    if r.job == job_name and r.server == BASELINE_SERVER and not r.error]
+        for server in args.servers:
+            runs = [r for r in results if r.job == job_name and r.server == server]
+            if not runs:
+                continue
+            ok = [r for r in runs if not r.error]
+            summaries.append(Summary(
+                job=job_name, server=server, runs_ok=len(ok),
+                iops=median_of(ok, "iops"), bw_bytes=median_of(ok, "bw_bytes"),
+                clat_p50_ns=median_of(ok, "clat_p50_ns"), clat_p99_ns=median_of(ok, "clat_p99_ns"),
+                ratio_to_baseline=paired_ratio(ok, baseline),
+            ))
+    return summaries
+
+
+def median_of(results: list[RunResult], attribute: str) -> float:
+    values = [getattr(result, attribute) for result in results]
+    return statistics.median(values) if values else 0.0
+
+
+def format_us(value_ns: float) -> str:
+    value_us = value_ns / NS_PER_US
+    return f"{value_us:.1f}" if value_us < 100 else f"{value_us:.0f}"
+
+
+def target_mark(summary: Summary) -> str:
+    if summary.server != "rblock" or summary.job not in TARGET_JOBS:
+        return ""
+    if summary.runs_ok == 0:
+        return "MISS (no result)"
+    if summary.ratio_to_baseline is None:
+        return "n/a"
+    verdict = "PASS" if summary.ratio_to_baseline >= TARGET_RATIO else "MISS"
+    return f"{verdict} (>= {TARGET_RATIO:.1f}x)"
+
+
+def table_rows(summaries: list[Summary], repeat: int) -> list[list[str]]:
+    rows = []
+    for s in summaries:
+        if s.runs_ok == 0:
+            rows.append([s.job, s.server, "FAILED", "", "", "", "", target_mark(s)])
+            continue
+        ratio = "n/a" if s.ratio_to_baseline is None else f"{s.ratio_to_baseline:.2f}x"
+        runs = "" if s.runs_ok == repeat else f" ({s.runs_ok}/{repeat} ok)"
+        rows.append([s.job, s.server + runs, f"{s.iops:.0f}", f"{s.bw_bytes / BYTES_PER_MB:.1f}",
+                     format_us(s.clat_p50_ns), format_us(s.clat_p99_ns), ratio, target_mark(s)])
+    return rows
+
+
+def print_table(summaries: list[Summary], repeat: int) -> None:
+    header = ["job", "server", "IOPS", "MB/s", "p50 us", "p99 us", f"vs {BASELINE_SERVER}",
+              "target"]
+    rows = table_rows(summaries, repeat)
+    if not rows:
+        print("\nno runs completed")
+        return
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    left_aligned = {0, 1, 7}
+
+    def line(cells: list[str]) -> str:
+        padded = [cell.ljust(width) if i in left_aligned else cell.rjust(width)
+                  for i, (cell, width) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(padded).rstrip()
+
+    print(f"\nmedians over {repeat} repetition(s); latency = fio completion latency (clat); "
+          f"MB/s = 10^6 bytes/s")
+    print(line(header))
+    print(line(["-" * width for width in widths]))
+    previous_job = None
+    for row in rows:
+        if previous_job is not None and row[0] != previous_job:
+            print()
+        previous_job = row[0]
+        print(line(row))
+
+
+def write_json(path: Path, info: dict[str, str], args: argparse.Namespace,
+               results: list[RunResult], summaries: list[Summary]) -> None:
+    document = {
+        "machine": info,
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "settings": {"runtime_s": args.runtime_s, "repeat": args.repeat,
+                     "image_size_bytes": args.size, "jobs": args.jobs, "servers": args.servers},
+        "runs": [asdict(result) for result in results],
+        "summary": [asdict(summary) for summary in summaries],
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def missing_tools(servers: Sequence[str]) -> list[str]:
+    tools = [*REQUIRED_TOOLS, *(SERVER_TOOLS[s] for s in servers if s in SERVER_TOOLS)]
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+@contextlib.contextmanager
+def work_directory(requested: Path | None) -> Iterator[Path]:
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        yield requested.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="rblock-bench-") as temporary:
+        yield Path(temporary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = missing_tools(args.servers)
+    if missing:
+        print(f"missing tools: {' '.join(missing)} (run `make deps`)", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    info = machine_info()
+    results: list[RunResult] = []
+    interrupted = False
+    with work_directory(args.workdir) as workdir:
+        print_header(info, args, workdir)
+        try:
+            run_all(args, workdir, results)
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted; servers stopped; partial results follow", file=sys.stderr)
+    summaries = summarize(results, args)
+    print_table(summaries, args.repeat)
+    if args.json:
+        write_json(args.json, info, args, results, summaries)
+        print(f"\nraw results: {args.json}")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_RUN_FAILED if any(result.error for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

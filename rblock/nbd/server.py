@@ -1,0 +1,481 @@
+"""The asyncio shell of the NBD server: sockets, buffers, TLS, back-pressure. No protocol rules.
+
+Receive path (no copy of payloads): each connection receives into an arena (a bytearray) via
+BufferedProtocol, so the kernel copies straight into it. A WRITE's payload is handed to the
+device as a memoryview of the arena. Arenas are never compacted in place: when one fills up,
+the unparsed tail moves to a fresh arena and the old one lives on while in-flight writes
+still reference it. An arena is at least large enough for the request being received, so a
+1 MiB write arrives in one buffer.
+
+Requests are started eagerly (`run_eager`): a page-cache write completes and is answered in
+the same loop pass that received it. Replies produced while a received batch is processed are
+sent with one `writelines` (one syscall for many replies).
+
+Bounds: per connection at most INFLIGHT_REQUESTS_MAX requests and INFLIGHT_BYTES_MAX payload
+bytes in flight; past either, the connection stops reading until replies drain. The same
+happens while the transport's send buffer is over its high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rblock.aio import run_eager
+from rblock.nbd import proto as p
+from rblock.nbd.handshake import (
+    Close,
+    ExportInfo,
+    ExportRefused,
+    Handshake,
+    Negotiated,
+    StartTLS,
+    TLSMode,
+)
+from rblock.nbd.transmission import (
+    BLOCK_PREFERRED_BYTES,
+    PAYLOAD_MAX_BYTES,
+    RequestError,
+    Session,
+    check_request,
+    error_reply,
+    nbd_errno,
+    read_reply,
+    transmission_flags,
+)
+from rblock.store.device import BlockDevice
+
+log = logging.getLogger("rblock.nbd")
+
+ARENA_BYTES = 256 * 1024  # default receive arena
+ARENA_SPACE_MIN_BYTES = 16 * 1024  # below this much free space, start a new arena
+INFLIGHT_REQUESTS_MAX = 64
+INFLIGHT_BYTES_MAX = 64 * 1024 * 1024
+SPARSE_READ_MIN_BYTES = 64 * 1024  # smaller READs skip hole detection (two lseeks)
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 30.0  # a client idle in the option phase longer than this is dropped
+DRAIN_TIMEOUT_S = 30.0  # how long shutdown waits for in-flight requests
+
+
+@dataclass
+class Export:
+    name: str
+    device: BlockDevice
+    description: str = ""
+
+    def info(self) -> ExportInfo:
+        d = self.device
+        return ExportInfo(
+            name=self.name, size_bytes=d.size_bytes, tflags=transmission_flags(d.capabilities),
+            description=self.description or d.description,
+            block_min_bytes=1, block_preferred_bytes=BLOCK_PREFERRED_BYTES,
+            block_max_bytes=PAYLOAD_MAX_BYTES,
+        )
+
+
+@dataclass
+class ExportCatalog:
+    """Named exports; the first one is the default (the empty name)."""
+
+    exports: dict[str, Export] = field(default_factory=dict)
+    # Called with the export name before it is served; may raise ExportRefused (a secondary
+    # refusing clients, for instance).
+    gate: Callable[[str], None] | None = None
+
+    def add(self, export: Export) -> None:
+        if export.name in self.exports:
+            raise ValueError(f"export '{export.name}' is defined twice")
+        self.exports[export.name] = export
+
+    def names(self) -> list[str]:
+        return list(self.exports)
+
+    def get(self, name: str) -> Export:
+        if name == "" and self.exports:
+            name = next(iter(self.exports))
+        try:
+            export = self.exports[name]
+        except KeyError:
+            raise ExportRefused(
+                f"export '{name}' not found; exports: {', '.join(self.exports) or '(none)'}"
+            ) from None
+        if self.gate is not None:
+            self.gate(export.name)
+        return export
+
+    def lookup(self, name: str) -> ExportInfo:
+        return self.get(name).info()
+
+
+class NBDServer:
+    """Listens, runs one Connection per client, and shuts down cleanly."""
+
+    def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None,
+                 tls_mode: TLSMode = TLSMode.OFF):
+        assert (tls_context is None) == (tls_mode is TLSMode.OFF)
+        self.catalog = catalog
+        self.tls_context = tls_context
+        self.tls_mode = tls_mode
+        self.connections: set[Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._next_id = 0
+
+    def _new_connection(self) -> Connection:
+        self._next_id += 1
+        return Connection(self, self._next_id)
+
+    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        srv = await asyncio.get_running_loop().create_server(
+            self._new_connection, host, port, reuse_address=True)
+        self._servers.append(srv)
+        sockname = srv.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def listen_unix(self, path: str) -> None:
+        srv = await asyncio.get_running_loop().create_unix_server(self._new_connection, path)
+        self._servers.append(srv)
+
+    async def shutdown(self) -> None:
+        """Stop accepting; let in-flight requests finish; close every connection."""
+        for srv in self._servers:
+            srv.close()
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        waits = [c.closed for c in self.connections]
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=DRAIN_TIMEOUT_S)
+            for conn in list(self.connections):
+                conn.abort("shutdown drain timed out")
+        for srv in self._servers:
+            await srv.wait_closed()
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NBDServer, conn_id: int):
+        self.server = server
+        self.id = conn_id
+        self.peer = "?"
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.handshake: Handshake | None = Handshake(server.catalog, server.tls_mode)
+        self.session: Session | None = None
+        self.device: BlockDevice | None = None
+        self.export_name = ""
+        self._mode = ""
+        self._arena = bytearray(ARENA_BYTES)
+        self._start = 0  # first unparsed byte in the arena
+        self._end = 0  # end of received bytes in the arena
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._reading = True
+        self._paused_reasons: set[str] = set()
+        self._batch: list[bytes] | None = None  # replies gathered while processing a batch
+        self._processing = False  # _process is on the stack (completions can run inside it)
+        self._disconnecting = False  # DISC received or server shutting down
+        self._close_reason = ""
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.requests = 0
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self.handshake is not None
+        transport.write(self.handshake.greeting())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self.abort, "handshake timed out")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        reason = self._close_reason or (f"connection lost: {exc}" if exc else "client closed")
+        where = f" export '{self.export_name}' ({self._mode})" if self.export_name else ""
+        # The one log line per connection: who, what, how it ended.
+        log.info("conn %d %s%s closed: %s; %d requests, %d still in flight",
+                 self.id, self.peer, where, reason, self.requests, self._inflight)
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._arena)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        if self.handshake is not None:
+            self._feed_handshake()
+        else:
+            self._process()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self._pause("send buffer full")
+
+    def resume_writing(self) -> None:
+        self._resume("send buffer full")
+
+    # --- handshake phase --------------------------------------------------------------------
+
+    def _feed_handshake(self) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        data = bytes(self._arena[self._start:self._end])
+        self._start = self._end = 0
+        reply, event = hs.feed(data)
+        if reply:
+            self.transport.write(reply)
+        if isinstance(event, Close):
+            self._close(event.reason)
+        elif isinstance(event, StartTLS):
+            asyncio.get_running_loop().create_task(self._start_tls())
+        elif isinstance(event, Negotiated):
+            self._enter_transmission(event)
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.tls_context is not None
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.server.tls_context, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            self._close_reason = f"TLS handshake failed: {e}"
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        assert self.handshake is not None
+        self.handshake.tls_established()
+
+    def _enter_transmission(self, ev: Negotiated) -> None:
+        assert self.transport is not None
+        try:
+            export = self.server.catalog.get(ev.export.name)
+        except ExportRefused as e:  # gone between the option reply and now
+            self._close(str(e))
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.handshake = None
+        self.device = export.device
+        self.export_name = export.name
+        self.session = Session(ev.export.size_bytes, export.device.capabilities,
+                               ev.structured_replies, ev.base_allocation_id)
+        self._mode = ("structured" if ev.structured_replies else "simple") + (
+            ", TLS" if ev.tls else "")
+        log.debug("conn %d %s export '%s' (%s)", self.id, self.peer, export.name, self._mode)
+        rest = ev.rest
+        self._arena = bytearray(max(ARENA_BYTES, len(rest)))
+        self._arena[:len(rest)] = rest
+        self._start, self._end = 0, len(rest)
+        self._process()
+
+    # --- transmission phase -----------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Start every complete request in the arena, within the in-flight bounds."""
+        arena = self._arena
+        self._batch = []
+        self._processing = True
+        try:
+            while (self._reading and not self._disconnecting
+                   and self._end - self._start >= p.REQUEST.size):
+                try:
+                    req = p.parse_request(arena, self._start)
+                except p.ProtocolError as e:
+                    self._close(str(e))
+                    return
+                payload_bytes = req.length if req.type == p.CMD_WRITE else 0
+                if payload_bytes > PAYLOAD_MAX_BYTES:
+                    self._close(f"WRITE payload of {payload_bytes} bytes is over the "
+                                f"{PAYLOAD_MAX_BYTES}-byte maximum")
+                    return
+                body_end = self._start + p.REQUEST.size + payload_bytes
+                if body_end > self._end:
+                    break  # payload still arriving
+                payload = memoryview(arena)[self._start + p.REQUEST.size:body_end]
+                self._start = body_end
+                self._begin(req, payload)
+        finally:
+            self._processing = False
+            batch, self._batch = self._batch, None
+            if batch and self.transport is not None:
+                self.transport.writelines(batch)
+        self._ensure_arena_space()
+
+    def _ensure_arena_space(self) -> None:
+        """Make room for the next receive: a fresh arena when this one runs short."""
+        need = ARENA_SPACE_MIN_BYTES
+        pending = self._end - self._start
+        if pending >= p.REQUEST.size:
+            magic, _, cmd, _, _, length = p.REQUEST.unpack_from(self._arena, self._start)
+            if cmd == p.CMD_WRITE and magic == p.REQUEST_MAGIC:
+                need = p.REQUEST.size + length - pending
+        if len(self._arena) - self._end >= need:
+            return
+        fresh = bytearray(max(ARENA_BYTES, pending + need))
+        fresh[:pending] = self._arena[self._start:self._end]
+        self._arena, self._start, self._end = fresh, 0, pending
+
+    def _begin(self, req: p.Request, payload: memoryview) -> None:
+        s = self.session
+        assert s is not None and self.device is not None
+        self.requests += 1
+        if req.type == p.CMD_DISC:
+            self._disconnecting = True
+            self._close_reason = "client sent NBD_CMD_DISC"
+            self._maybe_finish_disconnect()
+            return
+        try:
+            check_request(req, s)
+        except RequestError as e:
+            self._send(error_reply(req.handle, e.err, str(e), s.structured_replies))
+            return
+        cost = req.length if req.type in (p.CMD_READ, p.CMD_WRITE) else 0
+        self._inflight += 1
+        self._inflight_bytes += cost
+        if self._inflight >= INFLIGHT_REQUESTS_MAX or self._inflight_bytes >= INFLIGHT_BYTES_MAX:
+            self._pause("in-flight limit")
+        run_eager(self._execute(req, payload), lambda result, exc: self._finish(req, cost, result, exc))
+
+    async def _execute(self, req: p.Request, payload: memoryview) -> list[bytes]:
+        d = self.device
+        s = self.session
+        assert d is not None and s is not None
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        t = req.type
+        if t == p.CMD_WRITE:
+            await d.write(req.offset, payload, fua)
+        elif t == p.CMD_READ:
+            return await self._read(req)
+        elif t == p.CMD_FLUSH:
+            await d.flush()
+        elif t == p.CMD_TRIM:
+            if req.length:
+                await d.trim(req.offset, req.length, fua)
+        elif t == p.CMD_WRITE_ZEROES:
+            if req.length:
+                await d.write_zeroes(req.offset, req.length, fua,
+                                     may_punch=not req.flags & p.CMD_FLAG_NO_HOLE,
+                                     fast_only=bool(req.flags & p.CMD_FLAG_FAST_ZERO))
+        elif t == p.CMD_CACHE:
+            if req.length:
+                await d.cache(req.offset, req.length)
+        elif t == p.CMD_BLOCK_STATUS:
+            assert s.base_allocation_id is not None
+            extents = await d.extents(req.offset, req.length)
+            if req.flags & p.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            return [p.chunk_block_status(req.handle, s.base_allocation_id, extents)]
+        else:  # check_request lets only known commands through
+            raise AssertionError(f"unhandled command {t}")
+        return [p.simple_reply(req.handle)]
+
+    async def _read(self, req: p.Request) -> list[bytes]:
+        d = self.device
+        s = self.session
+        assert d is not None and s is not None
+        pieces: list[tuple[int, bytes | int]] = []
+        sparse = (s.structured_replies and not req.flags & p.CMD_FLAG_DF
+                  and req.length >= SPARSE_READ_MIN_BYTES and d.capabilities.can_extents)
+        if req.length == 0:
+            pass
+        elif sparse:
+            pos = req.offset
+            for length, flags in await d.extents(req.offset, req.length):
+                if flags & p.STATE_ZERO:
+                    pieces.append((pos, length))
+                else:
+                    pieces.append((pos, await d.read(pos, length)))
+                pos += length
+            if pos < req.offset + req.length:  # extents may stop short: read the rest
+                pieces.append((pos, await d.read(pos, req.offset + req.length - pos)))
+        else:
+            pieces.append((req.offset, await d.read(req.offset, req.length)))
+        return read_reply(req.handle, req.offset, pieces, s.structured_replies)
+
+    def _finish(self, req: p.Request, cost: int, result: list[bytes] | None,
+                exc: BaseException | None) -> None:
+        self._inflight -= 1
+        self._inflight_bytes -= cost
+        assert self._inflight >= 0 and self._inflight_bytes >= 0
+        s = self.session
+        assert s is not None
+        if exc is not None:
+            if not isinstance(exc, OSError):
+                log.exception("conn %d: %s failed", self.id, req.name, exc_info=exc)
+            else:
+                log.warning("conn %d: %s at %d+%d failed: %s", self.id, req.name, req.offset,
+                            req.length, exc)
+            result = [error_reply(req.handle, nbd_errno(exc), f"{req.name} failed: {exc}",
+                                  s.structured_replies)]
+        assert result is not None
+        self._send(*result)
+        if self._disconnecting:
+            self._maybe_finish_disconnect()
+        elif (self._inflight < INFLIGHT_REQUESTS_MAX
+              and self._inflight_bytes < INFLIGHT_BYTES_MAX):
+            self._resume("in-flight limit")
+
+    def _send(self, *bufs: bytes) -> None:
+        if self._batch is not None:
+            self._batch.extend(bufs)
+        elif self.transport is not None:
+            self.transport.writelines(bufs)
+
+    # --- flow control and closing -------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        self._paused_reasons.add(reason)
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resume(self, reason: str) -> None:
+        self._paused_reasons.discard(reason)
+        if self._paused_reasons or self._reading or self._disconnecting:
+            return
+        self._reading = True
+        if self.transport is not None:
+            self.transport.resume_reading()
+            if self.handshake is None and not self._processing:
+                self._process()  # requests that arrived before the pause
+
+    def begin_shutdown(self) -> None:
+        if self.handshake is not None:
+            self._close("server shutting down")
+            return
+        self._disconnecting = True
+        self._close_reason = "server shutting down"
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._maybe_finish_disconnect()
+
+    def _maybe_finish_disconnect(self) -> None:
+        if self._inflight == 0 and self.transport is not None:
+            self.transport.close()
+
+    def _close(self, reason: str) -> None:
+        self._close_reason = reason
+        if reason and not reason.startswith(("client sent", "server shutting")):
+            log.warning("conn %d %s: closing: %s", self.id, self.peer, reason)
+        self._disconnecting = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        self._close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()

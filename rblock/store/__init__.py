@@ -1,0 +1,1 @@
+"""Storage layer: the BlockDevice interface and the local volume that implements it."""

@@ -1,0 +1,84 @@
+"""The one interface between the NBD layer and what it serves.
+
+A local volume (`volume.FileVolume`) and, later, the replicated device implement it, so
+`rblock serve FILE` and a replicated resource share every line of NBD code. Methods are
+coroutines; the NBD server starts them eagerly (`rblock.aio.run_eager`), so an operation
+that finishes without waiting costs no task switch.
+
+Errors: raise `DeviceError` (or let an `OSError` escape); its errno is sent to the client
+(EIO for anything the protocol has no value for) with the message in a structured error.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+from dataclasses import dataclass
+
+STATE_HOLE = 1  # base:allocation extent flags, as in the NBD protocol
+STATE_ZERO = 2
+
+
+class DeviceError(OSError):
+    """An operation failed; `errno` says how, the message says what and why."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(err, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    read_only: bool = False
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    can_cache: bool = True
+    can_extents: bool = True
+    # True only if a flush on any connection makes every completed write durable: the
+    # device must not keep per-connection write caches.
+    can_multi_conn: bool = True
+
+
+class BlockDevice(abc.ABC):
+    size_bytes: int
+    capabilities: Capabilities
+    description: str = ""
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """LENGTH bytes at OFFSET (the caller checked the range)."""
+
+    @abc.abstractmethod
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        """Write DATA at OFFSET; with FUA, durable before returning. DATA is the caller's
+        buffer and is only valid until this returns."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Every write that completed before this call is durable when it returns."""
+
+    @abc.abstractmethod
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Advise that the range is unused; it may read back as zeroes afterwards."""
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_punch: bool,
+                           fast_only: bool) -> None:
+        """Zero the range. MAY_PUNCH allows deallocating it; FAST_ONLY fails with ENOTSUP
+        instead of writing zeroes the slow way."""
+
+    async def cache(self, offset: int, length: int) -> None:  # noqa: B027 -- optional hook
+        """Prefetch the range (advisory)."""
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, flags) from OFFSET covering at least one byte."""
+        return [(length, 0)]
+
+    async def close(self) -> None:  # noqa: B027 -- optional hook
+        """Finish in-flight work, flush, release resources."""
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))

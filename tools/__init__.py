@@ -1,0 +1,1 @@
+"""Developer tools: guest image builder, demo. Importable as `tools.*` from the repo root."""
