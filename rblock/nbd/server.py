@@ -1,11 +1,8 @@
 """The asyncio shell of the NBD server: sockets, buffers, TLS, back-pressure. No protocol rules.
 
-Receive path (no copy of payloads): each connection receives into an arena (a bytearray) via
-BufferedProtocol, so the kernel copies straight into it. A WRITE's payload is handed to the
-device as a memoryview of the arena. Arenas are never compacted in place: when one fills up,
-the unparsed tail moves to a fresh arena and the old one lives on while in-flight writes
-still reference it. An arena is at least large enough for the request being received, so a
-1 MiB write arrives in one buffer.
+Receive path (no copy of payloads): each connection receives into an `Arena` via
+BufferedProtocol, so the kernel copies straight into it, and a WRITE's payload goes to the
+device as a memoryview of the arena (see rblock/arena.py).
 
 Requests are started eagerly (`run_eager`): a page-cache write completes and is answered in
 the same loop pass that received it. Replies produced while a received batch is processed are
@@ -26,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rblock.aio import run_eager
+from rblock.arena import Arena
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import (
     Close,
@@ -51,8 +49,6 @@ from rblock.store.device import BlockDevice
 
 log = logging.getLogger("rblock.nbd")
 
-ARENA_BYTES = 256 * 1024  # default receive arena
-ARENA_SPACE_MIN_BYTES = 16 * 1024  # below this much free space, start a new arena
 INFLIGHT_REQUESTS_MAX = 64
 INFLIGHT_BYTES_MAX = 64 * 1024 * 1024
 SPARSE_READ_MIN_BYTES = 64 * 1024  # smaller READs skip hole detection (two lseeks)
@@ -166,9 +162,7 @@ class Connection(asyncio.BufferedProtocol):
         self.device: BlockDevice | None = None
         self.export_name = ""
         self._mode = ""
-        self._arena = bytearray(ARENA_BYTES)
-        self._start = 0  # first unparsed byte in the arena
-        self._end = 0  # end of received bytes in the arena
+        self._arena = Arena()
         self._inflight = 0
         self._inflight_bytes = 0
         self._reading = True
@@ -209,10 +203,10 @@ class Connection(asyncio.BufferedProtocol):
             self.closed.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._arena)[self._end:]
+        return self._arena.writable()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._end += nbytes
+        self._arena.received(nbytes)
         if self.handshake is not None:
             self._feed_handshake()
         else:
@@ -232,9 +226,7 @@ class Connection(asyncio.BufferedProtocol):
     def _feed_handshake(self) -> None:
         hs = self.handshake
         assert hs is not None and self.transport is not None
-        data = bytes(self._arena[self._start:self._end])
-        self._start = self._end = 0
-        reply, event = hs.feed(data)
+        reply, event = hs.feed(self._arena.take_bytes())
         if reply:
             self.transport.write(reply)
         if isinstance(event, Close):
@@ -276,10 +268,7 @@ class Connection(asyncio.BufferedProtocol):
         self._mode = ("structured" if ev.structured_replies else "simple") + (
             ", TLS" if ev.tls else "")
         log.debug("conn %d %s export '%s' (%s)", self.id, self.peer, export.name, self._mode)
-        rest = ev.rest
-        self._arena = bytearray(max(ARENA_BYTES, len(rest)))
-        self._arena[:len(rest)] = rest
-        self._start, self._end = 0, len(rest)
+        self._arena.reset_with(ev.rest)
         self._process()
 
     # --- transmission phase -----------------------------------------------------------------
@@ -289,11 +278,12 @@ class Connection(asyncio.BufferedProtocol):
         arena = self._arena
         self._batch = []
         self._processing = True
+        message_bytes = 0
         try:
             while (self._reading and not self._disconnecting
-                   and self._end - self._start >= p.REQUEST.size):
+                   and arena.pending() >= p.REQUEST.size):
                 try:
-                    req = p.parse_request(arena, self._start)
+                    req = p.parse_request(arena.buf, arena.start)
                 except p.ProtocolError as e:
                     self._close(str(e))
                     return
@@ -302,32 +292,18 @@ class Connection(asyncio.BufferedProtocol):
                     self._close(f"WRITE payload of {payload_bytes} bytes is over the "
                                 f"{PAYLOAD_MAX_BYTES}-byte maximum")
                     return
-                body_end = self._start + p.REQUEST.size + payload_bytes
-                if body_end > self._end:
+                message_bytes = p.REQUEST.size + payload_bytes
+                if message_bytes > arena.pending():
                     break  # payload still arriving
-                payload = memoryview(arena)[self._start + p.REQUEST.size:body_end]
-                self._start = body_end
-                self._begin(req, payload)
+                arena.take(p.REQUEST.size)
+                self._begin(req, arena.take(payload_bytes))
+                message_bytes = 0
         finally:
             self._processing = False
             batch, self._batch = self._batch, None
             if batch and self.transport is not None:
                 self.transport.writelines(batch)
-        self._ensure_arena_space()
-
-    def _ensure_arena_space(self) -> None:
-        """Make room for the next receive: a fresh arena when this one runs short."""
-        need = ARENA_SPACE_MIN_BYTES
-        pending = self._end - self._start
-        if pending >= p.REQUEST.size:
-            magic, _, cmd, _, _, length = p.REQUEST.unpack_from(self._arena, self._start)
-            if cmd == p.CMD_WRITE and magic == p.REQUEST_MAGIC:
-                need = p.REQUEST.size + length - pending
-        if len(self._arena) - self._end >= need:
-            return
-        fresh = bytearray(max(ARENA_BYTES, pending + need))
-        fresh[:pending] = self._arena[self._start:self._end]
-        self._arena, self._start, self._end = fresh, 0, pending
+        arena.reserve(message_bytes)
 
     def _begin(self, req: p.Request, payload: memoryview) -> None:
         s = self.session
