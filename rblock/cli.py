@@ -75,11 +75,173 @@ def _usage(message: str) -> int:
     return 2
 
 
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the cluster's TOML file")
+    p.add_argument("--node", required=True, metavar="NAME", help="this node's name in it")
+
+
+def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create-md", help="initialise a node's metadata for its resources")
+    _node_args(p)
+    p.add_argument("resources", nargs="*", metavar="RES", help="default: all of the node's")
+    p.add_argument("--force", action="store_true", help="overwrite existing metadata")
+    p.set_defaults(func=_cmd_create_md)
+    p = sub.add_parser("up", help="run a node's daemon in the foreground")
+    _node_args(p)
+    p.set_defaults(func=_cmd_up)
+    p = sub.add_parser("status", help="show every resource of a node")
+    _node_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("events", help="stream state changes as lines")
+    _node_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_events)
+    for action, text in [("primary", "make the resource Primary on this node"),
+                         ("secondary", "make the resource Secondary on this node"),
+                         ("connect", "connect to the peer (after disconnect or split brain)"),
+                         ("disconnect", "drop the peer link and stay StandAlone"),
+                         ("verify", "compare checksums with the peer; mark differences"),
+                         ("invalidate", "discard this node's data: resync it from the peer")]:
+        p = sub.add_parser(action, help=text)
+        _node_args(p)
+        p.add_argument("resource", metavar="RES")
+        if action in ("primary", "secondary"):
+            p.add_argument("--force", action="store_true",
+                           help="primary: first promotion of fresh data; secondary: cut off "
+                                "NBD clients")
+        if action == "connect":
+            p.add_argument("--discard-my-data", action="store_true",
+                           help="after a split brain: this node's changes are thrown away")
+        p.set_defaults(func=_cmd_action, action=action)
+
+
+def _load(args: argparse.Namespace):
+    from rblock.config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+        cfg.node(args.node)
+    except ConfigError as e:
+        raise SystemExit(_usage(str(e))) from None
+    return cfg
+
+
+def _cmd_create_md(args: argparse.Namespace) -> int:
+    from rblock.config import ConfigError
+    from rblock.node import NodeError, create_md
+    from rblock.store.metadata import MetadataError
+
+    cfg = _load(args)
+    try:
+        for line in create_md(cfg, args.node, args.resources, args.force):
+            print(line)
+    except (NodeError, MetadataError, ConfigError) as e:
+        return _usage(str(e))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from rblock.node import Node, NodeError
+
+    cfg = _load(args)
+    try:
+        return run_async(Node(cfg, args.node).run())
+    except NodeError as e:
+        return _usage(str(e))
+
+
+def _client(args: argparse.Namespace):
+    from rblock.control import ControlClient
+
+    return ControlClient(_load(args).node(args.node).control)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from rblock.control import ControlError
+
+    try:
+        st = asyncio.run(_client(args).status())
+    except ControlError as e:
+        return _usage(str(e))
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(format_status(st))
+    return 0
+
+
+def format_status(st: dict) -> str:
+    """DRBD-like text: one block per resource, one indented block per peer."""
+    lines = []
+    for r in st["resources"]:
+        lines.append(f"{r['name']} role:{r['role']} disk:{r['disk']} size:{_mib(r['size_bytes'])}"
+                     + (f" nbd:{r['nbd']}" if r.get("nbd") else ""))
+        for p in r["peers"]:
+            lines.append(f"  {p['node']} connection:{p['connection']} role:{p['role']} "
+                         f"replication:{p['replication']} peer-disk:{p['disk']}")
+            detail = f"    out-of-sync:{_mib(p['out_of_sync_bytes'])}"
+            if p["replication"] not in ("Established", "Off"):
+                eta = "?" if p["eta_s"] is None else f"{p['eta_s']:.0f}s"
+                detail += (f" done:{p['sync_percent']:.1f}% "
+                           f"rate:{_mib(p['sync_rate_bytes_per_s'])}/s eta:{eta}")
+            detail += (f" sent:{_mib(p['sent_bytes'])} received:{_mib(p['received_bytes'])} "
+                       f"pending:{p['pending_writes']} unacked:{_mib(p['unacked_bytes'])}")
+            lines.append(detail)
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}MiB"
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    import json
+
+    from rblock.control import ControlError
+
+    async def follow() -> None:
+        async for ev in _client(args).events():
+            if args.json:
+                print(json.dumps(ev), flush=True)
+            else:
+                detail = f" ({ev['detail']})" if ev.get("detail") else ""
+                print(f"{ev['resource']} {ev['what']} {ev['old']} -> {ev['new']}{detail}",
+                      flush=True)
+
+    try:
+        asyncio.run(follow())
+    except ControlError as e:
+        return _usage(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_action(args: argparse.Namespace) -> int:
+    from rblock.control import ControlError
+
+    body = {}
+    if getattr(args, "force", False):
+        body["force"] = True
+    if getattr(args, "discard_my_data", False):
+        body["discard_my_data"] = True
+    try:
+        msg = asyncio.run(_client(args).action(args.resource, args.action, **body))
+    except ControlError as e:
+        return _usage(str(e))
+    print(f"{args.resource}: {msg}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rblock", description="Replicated block devices over NBD.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _cluster_parsers(sub)
     return ap
 
 

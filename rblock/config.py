@@ -1,0 +1,454 @@
+"""The cluster configuration: one TOML file, the same on every node.
+
+Theory of operation
+-------------------
+`load(path)` reads the file with `tomllib`, then checks it in two passes:
+
+1. Each table on its own: `[resource.NAME]`, `[node.NAME]` (with its `disk` and `meta`
+   sub-tables). Unknown keys are errors, so a typo (`protocl = "A"`) never passes silently.
+2. The cluster as a whole: every disk names a defined resource, every resource has a disk on
+   exactly two nodes, no two listen addresses collide, no two disks or metadata files share
+   a path on one machine.
+
+The first problem found raises `ConfigError`, whose message always reads
+`FILE: key.path: what is wrong; how to fix it`. Everything returned is a frozen dataclass,
+with sizes in bytes, times in seconds, and paths absolute (a relative path is taken from the
+config file's directory, so every node can be started from any working directory).
+
+`[guest.NAME]` tables belong to hvctl and are kept as raw dicts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rblock.units import format_hostport, parse_hostport, parse_size
+
+BLOCK_SIZE_BYTES = 4096  # a resource's size must be a whole number of blocks
+NODES_PER_RESOURCE = 2  # data nodes (with a disk) per resource; a witness has no disk
+NAME_LENGTH_MAX = 64
+PROTOCOLS = ("A", "B", "C")
+
+PING_INTERVAL_S_DEFAULT = 1.0
+PEER_TIMEOUT_S_DEFAULT = 4.0
+CONNECT_RETRY_MAX_S_DEFAULT = 5.0
+RESYNC_RATE_DEFAULT = "200M"
+META_SUFFIX = ".meta"
+
+TOP_LEVEL_KEYS = ("resource", "node", "guest")
+RESOURCE_KEYS = (
+    "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
+    "connect_retry_max_s", "resync_rate",
+)
+NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta")
+ADDRESS_KEYS = ("replication", "control", "nbd")
+
+# Names become NBD export names, URL path segments of the control API and file names, and
+# they must be bare TOML keys (no quoting), so they are kept to a safe alphabet.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "::1"}
+
+
+class ConfigError(Exception):
+    """A problem in the config file; the message names the file, the key path and the fix."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP listen address, or a unix socket (`unix_path` set, host "" and port 0)."""
+
+    host: str
+    port: int
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        return format_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    replication: Address
+    control: Address
+    nbd: Address
+    libvirt: str | None
+    disks: dict[str, Path]  # resource name -> backing disk (absolute)
+    metas: dict[str, Path]  # resource name -> metadata file (absolute), one per disk
+
+    @property
+    def diskless(self) -> bool:
+        return not self.disks
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    name: str
+    size_bytes: int
+    protocol: str
+    secret: str = field(repr=False)  # kept out of repr so it never lands in a log line
+    ping_interval_s: float = PING_INTERVAL_S_DEFAULT
+    peer_timeout_s: float = PEER_TIMEOUT_S_DEFAULT
+    connect_retry_max_s: float = CONNECT_RETRY_MAX_S_DEFAULT
+    resync_rate_bytes_per_s: int = 200 << 20
+    nodes: tuple[str, ...] = ()  # the nodes with a disk for it, in file order
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: Path
+    resources: dict[str, ResourceConfig]
+    nodes: dict[str, NodeConfig]
+    guests: dict[str, dict]
+
+    def node(self, name: str) -> NodeConfig:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ConfigError(
+                f"node '{name}' not in {self.path}; nodes: {_names(self.nodes)}"
+            ) from None
+
+    def resource(self, name: str) -> ResourceConfig:
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise ConfigError(
+                f"resource '{name}' not in {self.path}; resources: {_names(self.resources)}"
+            ) from None
+
+    def resources_of(self, node: str) -> list[ResourceConfig]:
+        """The resources `node` holds a disk for, in file order ([] for a diskless node)."""
+        self.node(node)
+        return [r for r in self.resources.values() if node in r.nodes]
+
+    def peers(self, resource: str, node: str) -> list[NodeConfig]:
+        """The nodes other than `node` that hold a disk for `resource`, in file order.
+
+        For a diskless node (a witness) these are all the resource's data nodes.
+        """
+        r = self.resource(resource)
+        self.node(node)
+        return [self.nodes[n] for n in r.nodes if n != node]
+
+
+def load(path: str | Path) -> ClusterConfig:
+    """Read and check the cluster config at `path`; raises ConfigError naming key and fix."""
+    return _Loader(Path(path)).load()
+
+
+def _names(d: dict) -> str:
+    return ", ".join(d) if d else "(none)"
+
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.shown = str(path)  # as the user wrote it, so they recognise it in the message
+        self.path = Path(os.path.abspath(path.expanduser()))
+        self.base = self.path.parent
+
+    def fail(self, key: str | None, text: str) -> ConfigError:
+        where = f"{key}: " if key else ""
+        return ConfigError(f"{self.shown}: {where}{text}")
+
+    # -- whole file --------------------------------------------------------------------------
+
+    def load(self) -> ClusterConfig:
+        data = self.read()
+        for key in data:
+            if key not in TOP_LEVEL_KEYS:
+                raise self.fail(key, f"unknown top-level {_kind(data[key])}" + _valid_keys(
+                    key, TOP_LEVEL_KEYS, "tables", "[resource.NAME], [node.NAME], [guest.NAME]"))
+        resource_tables = self.group(data, "resource")
+        node_tables = self.group(data, "node")
+        guest_tables = self.group(data, "guest")
+
+        partial = {name: self.resource_fields(name, t) for name, t in resource_tables.items()}
+        nodes = {name: self.node(name, t) for name, t in node_tables.items()}
+        self.check_disks(partial, nodes)
+        self.check_addresses(nodes)
+        self.check_paths(nodes)
+
+        resources = {}
+        for name, fields in partial.items():
+            holders = tuple(n for n, node in nodes.items() if name in node.disks)
+            self.check_holders(name, holders, nodes)
+            resources[name] = ResourceConfig(name=name, nodes=holders, **fields)
+        guests = {name: dict(t) for name, t in guest_tables.items()}
+        return ClusterConfig(self.path, resources, nodes, guests)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            raise self.fail(None, "no such file; create it (see examples/two-nodes.toml) "
+                            "or give the right path") from None
+        except IsADirectoryError:
+            raise self.fail(None, "is a directory; give the path of the TOML file") from None
+        except OSError as e:
+            raise self.fail(None, f"cannot read: {e.strerror}; fix its permissions") from None
+        try:
+            return tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise self.fail(None, f"not UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        except tomllib.TOMLDecodeError as e:
+            # tomllib's message ends with "(at line L, column C)"
+            raise self.fail(None, f"TOML syntax error: {e}; fix the file there") from None
+
+    def group(self, data: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+        """`[kind.NAME]` tables, checking that each is a table with a usable name."""
+        tables = data.get(kind, {})
+        if not isinstance(tables, dict):
+            raise self.fail(kind, f"must be tables [{kind}.NAME], not {_a(_kind(tables))}; "
+                            f"write [{kind}.NAME] headers")
+        for name, table in tables.items():
+            key = f"{kind}.{name}"
+            if not isinstance(table, dict):
+                raise self.fail(key, f"must be a table, not {_a(_kind(table))}; "
+                                f"write it as a [{key}] header with keys below it")
+            if kind != "guest":
+                self.check_name(key, name)
+        return tables
+
+    def check_name(self, key: str, name: str) -> None:
+        if not _NAME.match(name) or len(name) > NAME_LENGTH_MAX:
+            raise self.fail(key, f"name '{name}' is not allowed; use up to {NAME_LENGTH_MAX} "
+                            "letters, digits, '-' and '_', starting with a letter or digit")
+
+    def check_keys(self, key: str, table: dict[str, Any], valid: tuple[str, ...]) -> None:
+        for k in table:
+            if k not in valid:
+                raise self.fail(f"{key}.{k}", "unknown key" + _valid_keys(k, valid, "keys"))
+
+    # -- [resource.NAME] ---------------------------------------------------------------------
+
+    def resource_fields(self, name: str, t: dict[str, Any]) -> dict[str, Any]:
+        key = f"resource.{name}"
+        self.check_keys(key, t, RESOURCE_KEYS)
+        if "size" not in t:
+            raise self.fail(f"{key}.size", 'missing; add size = "256M" (a multiple of 4K)')
+        size_bytes = self.size(f"{key}.size", t["size"])
+        if size_bytes % BLOCK_SIZE_BYTES:
+            up = -(-size_bytes // BLOCK_SIZE_BYTES) * BLOCK_SIZE_BYTES
+            raise self.fail(f"{key}.size", f"{size_bytes} bytes is not a multiple of the "
+                            f"{BLOCK_SIZE_BYTES}-byte block size; set size = {up}")
+
+        protocol = t.get("protocol", "C")
+        if not isinstance(protocol, str) or protocol.upper() not in PROTOCOLS:
+            raise self.fail(f"{key}.protocol", f"{_show(protocol)} is not one of "
+                            f'{", ".join(PROTOCOLS)}; set protocol = "C"')
+
+        if "secret" not in t:
+            raise self.fail(f"{key}.secret", "missing; add secret = \"...\" (the same long "
+                            "random string for every node; the peer link is signed with it)")
+        secret = t["secret"]
+        if not isinstance(secret, str) or not secret.strip():
+            raise self.fail(f"{key}.secret", f"{_show(secret)} is not a non-empty string; "
+                            "set secret = \"...\" to a long random string")
+
+        ping = self.seconds(key, t, "ping_interval_s", PING_INTERVAL_S_DEFAULT)
+        timeout = self.seconds(key, t, "peer_timeout_s", PEER_TIMEOUT_S_DEFAULT)
+        retry = self.seconds(key, t, "connect_retry_max_s", CONNECT_RETRY_MAX_S_DEFAULT)
+        if timeout <= ping:
+            raise self.fail(f"{key}.peer_timeout_s", f"{timeout:g} is not more than "
+                            f"ping_interval_s ({ping:g}), so a healthy peer would be dropped; "
+                            f"set peer_timeout_s = {4 * ping:g} (a few pings)")
+        rate = self.size(f"{key}.resync_rate", t.get("resync_rate", RESYNC_RATE_DEFAULT))
+        if rate <= 0:
+            raise self.fail(f"{key}.resync_rate", f'{rate} bytes/s would never finish a resync; '
+                            f'set resync_rate = "{RESYNC_RATE_DEFAULT}"')
+        return dict(size_bytes=size_bytes, protocol=protocol.upper(), secret=secret,
+                    ping_interval_s=ping, peer_timeout_s=timeout, connect_retry_max_s=retry,
+                    resync_rate_bytes_per_s=rate)
+
+    def size(self, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.fail(key, f"{_show(value)} is not a size; write it like \"256M\"")
+        try:
+            n = parse_size(str(value)) if isinstance(value, str) else value
+        except ValueError as e:
+            raise self.fail(key, f"{e}; write it like \"256M\" or \"1G\"") from None
+        if n <= 0:
+            raise self.fail(key, f"{_show(value)} is not positive; write it like \"256M\"")
+        return n
+
+    def seconds(self, key: str, t: dict[str, Any], name: str, default: float) -> float:
+        value = t.get(name, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value <= 0:
+            raise self.fail(f"{key}.{name}", f"{_show(value)} is not a finite, positive number "
+                            f"of seconds; set {name} = {default}")
+        return float(value)
+
+    # -- [node.NAME] -------------------------------------------------------------------------
+
+    def node(self, name: str, t: dict[str, Any]) -> NodeConfig:
+        key = f"node.{name}"
+        self.check_keys(key, t, NODE_KEYS)
+        addresses = {}
+        for k in ADDRESS_KEYS:
+            if k not in t:
+                raise self.fail(f"{key}.{k}", f'missing; add {k} = "HOST:PORT"')
+            addresses[k] = self.address(f"{key}.{k}", t[k], unix_ok=(k == "control"))
+        libvirt = t.get("libvirt")
+        if libvirt is not None and (not isinstance(libvirt, str) or not libvirt.strip()):
+            raise self.fail(f"{key}.libvirt", f"{_show(libvirt)} is not a libvirt URI; "
+                            'set libvirt = "qemu:///system" or remove the line')
+        disks = self.path_table(f"{key}.disk", t.get("disk", {}))
+        metas = self.path_table(f"{key}.meta", t.get("meta", {}))
+        for r in metas:
+            if r not in disks:
+                raise self.fail(f"{key}.meta.{r}", f"node '{name}' has no disk for '{r}' "
+                                f"(disks: {_names(disks)}); add [{key}.disk] {r} = \"...\" "
+                                "or remove this line")
+        metas = {r: metas.get(r, Path(str(p) + META_SUFFIX)) for r, p in disks.items()}
+        return NodeConfig(name=name, libvirt=libvirt, disks=disks, metas=metas, **addresses)
+
+    def address(self, key: str, value: Any, *, unix_ok: bool) -> Address:
+        example = '"127.0.0.1:7790"' + (' or "unix:/run/rblock.sock"' if unix_ok else "")
+        if not isinstance(value, str):
+            raise self.fail(key, f"{_show(value)} is not an address; write it like {example}")
+        text = value.strip()
+        if text.startswith("unix:"):
+            if not unix_ok:
+                raise self.fail(key, f"'{text}': only control may be a unix socket; "
+                                'write it like "127.0.0.1:7790"')
+            if not text[5:]:
+                raise self.fail(key, "'unix:' has no path; write it like "
+                                '"unix:/run/rblock.sock"')
+            return Address("", 0, str(self.resolve(text[5:])))
+        if text.count(":") > 1 and not text.startswith("["):
+            raise self.fail(key, f"'{text}' is ambiguous (an IPv6 address needs brackets); "
+                            'write it like "[::1]:7790"')
+        try:
+            host, port = parse_hostport(text, 0)
+        except ValueError as e:
+            raise self.fail(key, f"{e}; write it like {example}") from None
+        if port == 0:
+            what = "port 0 (any free port)" if text.endswith(":0") else "no port"
+            raise self.fail(key, f"'{text}' has {what}, but every node must know where the "
+                            f"others listen; write it like {example}")
+        return Address(host, port)
+
+    def path_table(self, key: str, t: Any) -> dict[str, Path]:
+        if not isinstance(t, dict):
+            raise self.fail(key, f"must be a table of RESOURCE = \"PATH\", not {_a(_kind(t))}; "
+                            f"write [{key}] with lines like r0 = \"disks/r0.img\"")
+        out = {}
+        for r, p in t.items():
+            if not isinstance(p, str) or not p.strip():
+                raise self.fail(f"{key}.{r}", f"{_show(p)} is not a path; "
+                                f'write it like {r} = "disks/{r}.img"')
+            out[r] = self.resolve(p)
+        return out
+
+    def resolve(self, p: str) -> Path:
+        """A path from the file: absolute, relative ones taken from the file's directory."""
+        return Path(os.path.normpath(self.base / Path(p).expanduser()))
+
+    # -- the cluster as a whole --------------------------------------------------------------
+
+    def check_disks(self, resources: dict[str, Any], nodes: dict[str, NodeConfig]) -> None:
+        for node in nodes.values():
+            for r in node.disks:
+                if r not in resources:
+                    raise self.fail(f"node.{node.name}.disk.{r}", f"no [resource.{r}] in this "
+                                    f"file (resources: {_names(resources)}); add [resource.{r}] "
+                                    "or remove this line")
+
+    def check_holders(self, name: str, holders: tuple[str, ...],
+                      nodes: dict[str, NodeConfig]) -> None:
+        if len(holders) == NODES_PER_RESOURCE:
+            return
+        on = f"{len(holders)} node{'s' if len(holders) != 1 else ''}"
+        if holders:
+            on += f" ({', '.join(holders)})"
+        if len(holders) < NODES_PER_RESOURCE:
+            others = [n for n in nodes if n not in holders]
+            fix = (f"add {name} = \"PATH\" under [node.NODE.disk] of one more node"
+                   + (f" (nodes without it: {', '.join(others)})" if others else ""))
+        else:
+            fix = f"remove {name} from the [node.NODE.disk] tables of all but two"
+        raise self.fail(f"resource.{name}", f"has a disk on {on}, but a resource needs "
+                        f"exactly {NODES_PER_RESOURCE} data nodes for now; {fix}")
+
+    def check_addresses(self, nodes: dict[str, NodeConfig]) -> None:
+        """No two listen addresses alike, among all nodes' replication/control/nbd.
+
+        Nodes may share a machine (tests, demos): then they differ by port.
+        """
+        seen: dict[tuple[str, ...], str] = {}
+        for node in nodes.values():
+            for k in ADDRESS_KEYS:
+                a: Address = getattr(node, k)
+                ident = (("unix", a.unix_path) if a.unix_path is not None
+                         else ("tcp", _host_key(a.host), str(a.port)))
+                key = f"node.{node.name}.{k}"
+                if ident in seen:
+                    fix = ("use another socket path" if a.unix_path is not None
+                           else "give each a different port")
+                    raise self.fail(key, f"'{a}' is also {seen[ident]}; {fix}")
+                seen[ident] = key
+
+    def check_paths(self, nodes: dict[str, NodeConfig]) -> None:
+        """No two disks or metadata files share a path on one machine.
+
+        Nodes are taken to be on one machine when their replication hosts are the same (any
+        loopback address counts as one machine). Two nodes on different machines may well
+        use the same path, like /dev/vg0/r0 on both.
+        """
+        seen: dict[tuple[str, Path], str] = {}
+        for node in nodes.values():
+            machine = _machine_key(node.replication.host)
+            for table, paths in (("disk", node.disks), ("meta", node.metas)):
+                for r, p in paths.items():
+                    key = f"node.{node.name}.{table}.{r}"
+                    if (machine, p) in seen:
+                        raise self.fail(key, f"'{p}' is also used by {seen[(machine, p)]}; "
+                                        "give each disk and metadata file its own path")
+                    seen[(machine, p)] = key
+
+
+def _host_key(host: str) -> str:
+    host = host.lower()
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def _machine_key(host: str) -> str:
+    host = host.lower()
+    if host in _LOOPBACK_NAMES or host.startswith("127."):
+        return "loopback"
+    return host
+
+
+def _kind(value: Any) -> str:
+    return {dict: "table", list: "array", str: "string", bool: "boolean", int: "integer",
+            float: "float"}.get(type(value), "value")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return _a(_kind(value))
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _valid_keys(key: str, valid: tuple[str, ...], what: str, shown: str | None = None) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"; {hint}valid {what}: {shown or ', '.join(valid)}"

@@ -1,0 +1,236 @@
+"""`rblock up`: one node's daemon. Wiring only: config, resources, listeners, signals.
+
+A node serves, for every resource it holds a disk for:
+- NBD on its `nbd` address, export name = resource name, only while the resource is Primary
+  here (a client of a Secondary is refused with a message naming the primary);
+- the peer link on its `replication` address; of the two nodes of a resource, the one whose
+  name sorts first dials (with backoff), the other accepts;
+- the control API on its `control` address (rblock/control.py), used by the CLI and hvctl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from rblock.config import ClusterConfig, NodeConfig
+from rblock.control import EventBus, start_control
+from rblock.nbd.handshake import ExportRefused
+from rblock.nbd.server import Export, ExportCatalog, NBDServer
+from rblock.replica.link import PeerLink
+from rblock.replica.resource import Event, Resource
+from rblock.replica.state import Conn, Role
+from rblock.replica.wire import LinkError
+from rblock.store.metadata import Metadata, MetadataError
+from rblock.store.volume import FileVolume, create_image
+from rblock.units import format_hostport
+
+log = logging.getLogger("rblock.node")
+
+DIAL_BACKOFF_FIRST_S = 0.1
+DEFAULT_PING_INTERVAL_S = 1.0
+DEFAULT_PEER_TIMEOUT_S = 4.0
+
+
+class NodeError(Exception):
+    """A problem the user can fix; the message says what and how."""
+
+
+def create_md(cfg: ClusterConfig, node_name: str, resources: list[str], force: bool) -> list[str]:
+    """Initialise metadata (and a sparse backing file if it is missing) for each resource."""
+    node = cfg.node(node_name)
+    names = resources or [r.name for r in cfg.resources_of(node_name)]
+    done = []
+    for name in names:
+        res = cfg.resource(name)
+        if name not in node.disks:
+            raise NodeError(f"node {node_name} has no disk for resource {name}; add "
+                            f"[node.{node_name}.disk] {name} = \"PATH\" to {cfg.path}")
+        disk = node.disks[name]
+        if not disk.exists():
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            create_image(str(disk), res.size_bytes)
+            log.info("created %s (%d bytes, sparse)", disk, res.size_bytes)
+        elif disk.is_file() and disk.stat().st_size < res.size_bytes:
+            raise NodeError(f"disk {disk} is {disk.stat().st_size} bytes, smaller than "
+                            f"resource {name} ({res.size_bytes}); grow it or shrink the resource")
+        meta = Metadata.create(str(node.metas[name]), node_name, name, res.size_bytes,
+                               force=force)
+        meta.close()
+        done.append(f"{name}: metadata in {node.metas[name]}, data on {disk}")
+    return done
+
+
+class Node:
+    def __init__(self, cfg: ClusterConfig, name: str):
+        self.cfg = cfg
+        self.name = name
+        self.me: NodeConfig = cfg.node(name)
+        self.resources: dict[str, Resource] = {}
+        self.events = EventBus()
+        self.nbd: NBDServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+
+    # --- wiring -----------------------------------------------------------------------------
+
+    def _open_resources(self) -> None:
+        for res in self.cfg.resources_of(self.name):
+            disk = self.me.disks[res.name]
+            meta_path = self.me.metas[res.name]
+            if not os.path.exists(meta_path):
+                raise NodeError(f"no metadata for {res.name} on {self.name} ({meta_path}); run "
+                                f"'rblock create-md --config {self.cfg.path} --node {self.name} "
+                                f"{res.name}' first")
+            try:
+                meta = Metadata.open(str(meta_path), self.name, res.name, res.size_bytes)
+            except MetadataError as e:
+                raise NodeError(str(e)) from None
+            try:
+                volume = FileVolume(str(disk))
+            except OSError as e:
+                meta.close()
+                raise NodeError(f"cannot open disk {disk} of {res.name}: {e.strerror}") from None
+            peer = self.cfg.peers(res.name, self.name)[0]
+            r = Resource(self.name, res, peer, volume, meta, self._emit)
+            r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
+            self.resources[res.name] = r
+
+    def _emit(self, ev: Event) -> None:
+        level = logging.WARNING if ev.what in ("split-brain",) else logging.INFO
+        if ev.what not in ("decision",):
+            log.log(level, "%s: %s %s -> %s%s", ev.resource, ev.what, ev.old, ev.new,
+                    f" ({ev.detail})" if ev.detail else "")
+        self.events.publish(ev.to_json())
+
+    def _nbd_clients(self, export: str) -> int:
+        if self.nbd is None:
+            return 0
+        return sum(1 for c in self.nbd.connections if c.export_name == export)
+
+    def drop_nbd_clients(self, export: str) -> None:
+        if self.nbd is not None:
+            for c in list(self.nbd.connections):
+                if c.export_name == export:
+                    c.abort("resource demoted with --force")
+
+    def _gate(self, export: str) -> None:
+        r = self.resources[export]
+        if r.role is Role.PRIMARY:
+            return
+        if r.peer_role is Role.PRIMARY:
+            peer = self.cfg.node(r.peer_node)
+            raise ExportRefused(
+                f"resource {export} is Secondary on {self.name}; its primary is {r.peer_node} "
+                f"(nbd://{format_hostport(peer.nbd.host, peer.nbd.port)}/{export})")
+        raise ExportRefused(f"resource {export} is Secondary on {self.name} and no connected "
+                            f"node is Primary; run 'rblock primary {export}' on the node that "
+                            f"should serve it")
+
+    def nbd_uri(self, export: str) -> str:
+        return f"nbd://{format_hostport(self.me.nbd.host, self.me.nbd.port)}/{export}"
+
+    # --- peer links ---------------------------------------------------------------------------
+
+    def _route(self, link: PeerLink, hello: dict) -> tuple[Resource, str, str]:
+        """Acceptor side: which resource an incoming link is for, checked against the config."""
+        name, peer = str(hello["resource"]), str(hello["node"])
+        r = self.resources.get(name)
+        if r is None:
+            raise LinkError(f"resource {name} is not configured on {self.name}")
+        if peer != r.peer_node:
+            raise LinkError(f"node {peer} does not hold resource {name}; its peer is "
+                            f"{r.peer_node}")
+        if r.conn is Conn.STANDALONE:
+            raise LinkError(f"resource {name} is StandAlone on {self.name}; run "
+                            f"'rblock connect {name}' there")
+        link.ping_interval_s = r.cfg.ping_interval_s
+        link.peer_timeout_s = r.cfg.peer_timeout_s
+        return r, r.cfg.secret, peer
+
+    async def _dial_loop(self, r: Resource) -> None:
+        """Keep a link to the peer: connect, wait while it lasts, back off and retry."""
+        peer = self.cfg.node(r.peer_node)
+        loop = asyncio.get_running_loop()
+        backoff_s = DIAL_BACKOFF_FIRST_S
+        while not self._stopping:
+            if r.conn is Conn.STANDALONE or (r.link is not None and r.link.up):
+                link = r.link
+                if link is not None and link.up:
+                    await link.closed
+                else:
+                    await asyncio.sleep(0.2)
+                continue
+            link = PeerLink(self.name, dialer=True, ping_interval_s=r.cfg.ping_interval_s,
+                            peer_timeout_s=r.cfg.peer_timeout_s, owner=r, secret=r.cfg.secret,
+                            resource=r.name, expect_node=r.peer_node)
+            try:
+                await loop.create_connection(lambda link=link: link, peer.replication.host,
+                                             peer.replication.port)
+            except OSError:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
+                continue
+            reason = await link.closed
+            if link.phase.value == "closed" and "refused" not in reason:
+                backoff_s = DIAL_BACKOFF_FIRST_S
+            if not self._stopping:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
+
+    # --- run ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._open_resources()
+        try:
+            for r in self.resources.values():
+                await r.start()
+            catalog = ExportCatalog(gate=self._gate)
+            for name, r in self.resources.items():
+                catalog.add(Export(name, r))
+            self.nbd = NBDServer(catalog)
+            await self._listen("NBD", self.me.nbd, self.nbd.listen_tcp)
+            loop = asyncio.get_running_loop()
+            repl = self.me.replication
+
+            def new_link() -> PeerLink:
+                return PeerLink(self.name, dialer=False, ping_interval_s=DEFAULT_PING_INTERVAL_S,
+                                peer_timeout_s=DEFAULT_PEER_TIMEOUT_S, route=self._route)
+
+            try:
+                repl_server = await loop.create_server(new_link, repl.host, repl.port,
+                                                       reuse_address=True)
+            except OSError as e:
+                raise NodeError(f"cannot listen for peers on {repl}: {e.strerror}") from None
+            control = await start_control(self)
+            for r in self.resources.values():
+                if self.name < r.peer_node:
+                    self._tasks.append(loop.create_task(self._dial_loop(r)))
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            log.info("node %s up: %d resource(s), NBD on %s, peers on %s, control on %s",
+                     self.name, len(self.resources), self.me.nbd, repl, self.me.control)
+            print("ready", flush=True)
+            await stop.wait()
+            log.info("node %s stopping", self.name)
+            self._stopping = True
+            await self.nbd.shutdown()
+            repl_server.close()
+            for t in self._tasks:
+                t.cancel()
+            await control.cleanup()
+        finally:
+            for r in self.resources.values():
+                await r.close()
+        log.info("node %s stopped cleanly", self.name)
+        return 0
+
+    async def _listen(self, what: str, addr, listen) -> None:
+        try:
+            await listen(addr.host, addr.port)
+        except OSError as e:
+            raise NodeError(f"cannot listen for {what} on {addr}: {e.strerror}") from None
+

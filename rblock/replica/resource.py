@@ -1,0 +1,986 @@
+"""One replicated resource on one node: the BlockDevice the NBD server exports, and its life.
+
+Write path on the primary (protocol C, DESIGN.md "The write path"): a write gets a sequence
+number and epoch (`WriteTracker`), its activity-log extents are made hot, then the DATA frame
+is queued to the peer and the local pwrite runs at the same time; the NBD reply waits for the
+local write and the peer's WRITE_ACK (protocol B: RECV_ACK; A: neither). A peer that is not
+connected, or that drops before acking, gets the range set in the dirty bitmap instead.
+
+On the secondary, received writes go through an `ApplyQueue`, which keeps the primary's write
+order (epochs) while applying independent writes concurrently.
+
+Connecting: once the link is authenticated, both sides send STATE (role, disk, generation
+UUIDs) and their dirty bitmap; each runs `state.decide` on the pair and reaches the same
+verdict. Guest writes are held for the few milliseconds this takes, so no write falls
+between the bitmap that was sent and the decision. Then: Established, a resync (the target
+drives it, block runs at a limited rate, checksums skip equal blocks), or a refusal (split
+brain, unrelated data) that leaves the link StandAlone until an operator acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import crc32c
+
+from rblock.aio import run_eager
+from rblock.config import NodeConfig, ResourceConfig
+from rblock.replica import wire
+from rblock.replica.link import PeerLink
+from rblock.replica.resync import RateLimiter, SweepPlanner, all_blocks
+from rblock.replica.state import (
+    DISK_PERSISTED,
+    PERSISTED_DISK,
+    Conn,
+    Decision,
+    Disk,
+    Generation,
+    PeerCounters,
+    Repl,
+    Role,
+    Side,
+    Sync,
+    check_promote,
+    decide,
+    sync_progress,
+)
+from rblock.replica.wire import Frame, T
+from rblock.replica.writes import ApplyQueue, WriteTracker
+from rblock.store.device import BlockDevice, Capabilities, DeviceError
+from rblock.store.metadata import BLOCK_BYTES, Metadata
+from rblock.store.volume import FileVolume
+
+log = logging.getLogger("rblock.resource")
+
+BITMAP_CHUNK_BYTES = 64 * 1024  # bitmap bytes per BITMAP frame
+BITMAP_FLUSH_INTERVAL_S = 1.0  # a resync target persists its progress this often
+SYNC_RATE_WINDOW_S = 5.0  # sync rate is measured over this much recent history
+REMOTE_READ_TIMEOUT_S = 30.0
+
+
+class ResourceError(Exception):
+    """A refused command; the message says why and what to do."""
+
+
+@dataclass
+class Event:
+    resource: str
+    what: str
+    old: str
+    new: str
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"time": time.time(), "resource": self.resource, "what": self.what,
+                "old": self.old, "new": self.new, "detail": self.detail}
+
+
+class Resource(BlockDevice):
+    def __init__(self, node: str, cfg: ResourceConfig, peer: NodeConfig, volume: FileVolume,
+                 meta: Metadata, emit: Callable[[Event], None]):
+        self.node = node
+        self.cfg = cfg
+        self.name = cfg.name
+        self.peer_cfg = peer
+        self.volume = volume
+        self.meta = meta
+        self._emit = emit
+        self.size_bytes = cfg.size_bytes
+        self.description = f"rblock resource {cfg.name} on {node}"
+        self.capabilities = Capabilities(can_multi_conn=True)
+        assert volume.size_bytes >= cfg.size_bytes
+        sb = meta.sb
+        self.gen = Generation(sb.uuid_current, sb.uuid_bitmap, tuple(sb.uuid_history))
+        self.disk = PERSISTED_DISK[sb.disk_state]
+        self.role = Role.SECONDARY
+        self.crashed_primary = False
+        self.conn = Conn.CONNECTING
+        self.repl = Repl.OFF
+        self.peer_role = Role.UNKNOWN
+        self.peer_disk = Disk.UNKNOWN
+        self.peer_gen: Generation | None = None
+        self.last_decision: Decision | None = None
+        self.link: PeerLink | None = None
+        self.counters = PeerCounters()
+        self.tracker = WriteTracker()
+        self.applyq = ApplyQueue()
+        self.nbd_clients: Callable[[], int] = lambda: 0
+        self.discard_my_data = False
+        self._acks: dict[int, asyncio.Future] = {}  # seq -> waiter (protocols B and C)
+        self._flushes: dict[int, asyncio.Future] = {}
+        self._reads: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self._apply_jobs: dict[int, Callable[[], object]] = {}
+        self._pumping = False
+        self._pump_again = False
+        self._settled = asyncio.Event()  # set when no connect handshake is in progress
+        self._settled.set()
+        self._peer_state: Side | None = None
+        self._peer_bitmap_chunks: list[tuple[int, bytes]] = []
+        self._epoch_seen = 0  # secondary: highest epoch received from the primary
+        self._epoch_base = 0
+        self._al_lock = asyncio.Lock()
+        self._writes_inflight: dict[int, tuple[int, int]] = {}  # token -> (start, end)
+        self._rs_reads: dict[int, tuple[int, int, asyncio.Event]] = {}
+        self._sweep: SweepPlanner | None = None
+        self._sweep_kind = ""  # "resync" or "verify"
+        self._sweep_task: asyncio.Task | None = None
+        self._verify_found = 0
+        self._rate = RateLimiter(cfg.resync_rate_bytes_per_s)
+        self._last_bitmap_flush_s = 0.0
+        self._persist_lock = asyncio.Lock()
+
+    # --- start and stop -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover from a crash if the last stop was not clean, then mark the metadata open."""
+        sb = self.meta.sb
+        loop = asyncio.get_running_loop()
+        if not sb.clean_shutdown:
+            blocks = await loop.run_in_executor(None, self.meta.recover_crash)
+            self.crashed_primary = sb.role_primary
+            log.warning("%s: last stop was not clean%s; %d blocks of the activity log marked "
+                        "out of sync", self.name, " (this node was Primary)"
+                        if sb.role_primary else "", blocks)
+        await loop.run_in_executor(None, self.meta.mark_open)
+
+    async def close(self) -> None:
+        """Clean stop: in-flight writes are done (the NBD server drained), flush, tell the
+        peer, persist bitmap and superblock."""
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        if self.role is Role.PRIMARY:
+            await self.volume.flush()
+        if self.link is not None:
+            self.link.send(wire.encode_json(T.DISCONNECT, {"reason": "peer is shutting down"}))
+            self.link.close("shutting down")
+        loop = asyncio.get_running_loop()
+        await self._persist(role_primary=False)
+        await loop.run_in_executor(None, self.meta.mark_clean_shutdown)
+        await self.volume.close()
+        self.meta.close()
+
+    # --- the BlockDevice interface (primary) ------------------------------------------------
+
+    def _require_primary(self) -> None:
+        if self.role is not Role.PRIMARY:
+            raise DeviceError(errno.EPERM, f"resource {self.name} is not Primary on {self.node}")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if self.disk is not Disk.UPTODATE and self.meta.bitmap.any_in_range(offset, length):
+            return await self._remote_read(offset, length)
+        return await self.volume.read(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._require_primary()
+        n = len(data)
+        await self._replicated(offset, n, lambda: self.volume.write(offset, data, fua),
+                               lambda w: Frame(T.DATA, wire.FLAG_FUA if fua else 0, w.seq,
+                                               offset, w.epoch, data))
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._require_primary()
+        await self._replicated(offset, length, lambda: self.volume.trim(offset, length, fua),
+                               lambda w: Frame(T.TRIM, wire.FLAG_FUA if fua else 0, w.seq,
+                                               offset, w.epoch, wire.u64(length)))
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_punch: bool,
+                           fast_only: bool) -> None:
+        self._require_primary()
+        flags = (wire.FLAG_FUA if fua else 0) | (0 if may_punch else wire.FLAG_NO_HOLE)
+        await self._replicated(
+            offset, length,
+            lambda: self.volume.write_zeroes(offset, length, fua, may_punch, fast_only),
+            lambda w: Frame(T.ZEROES, flags, w.seq, offset, w.epoch, wire.u64(length)),
+            local_first=fast_only)  # a fast zero that fails locally must not reach the peer
+
+    async def flush(self) -> None:
+        epoch = self.tracker.close_epoch()
+        waiter = None
+        link = self._replicating_link()
+        if link is not None:
+            fid = self._new_id()
+            waiter = self._flushes[fid] = asyncio.get_running_loop().create_future()
+            link.send([Frame(T.FLUSH, 0, fid, 0, epoch)])
+        await self.volume.flush()
+        if waiter is not None:
+            await waiter
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.volume.cache(offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if self.disk is not Disk.UPTODATE:
+            return [(length, 0)]  # holes here may be data the peer has
+        return await self.volume.extents(offset, length)
+
+    async def _replicated(self, offset: int, length: int, local: Callable, frame: Callable,
+                          local_first: bool = False) -> None:
+        if not self._settled.is_set():
+            await self._settled.wait()  # a connect handshake decides where this write goes
+        token = self._new_id()
+        self._writes_inflight[token] = (offset, offset + length)
+        try:
+            if self._rs_reads:
+                await self._wait_for_rs_reads(offset, offset + length)
+            await self._al_guard(offset, length)
+            link = self._replicating_link()
+            if link is None:
+                self.meta.bitmap.set_range(offset, length)  # the peer misses this write
+                await local()
+                return
+            if local_first:
+                await local()
+            w = self.tracker.submit(offset, length)
+            waiter = None
+            if self.cfg.protocol != "A":
+                waiter = self._acks[w.seq] = asyncio.get_running_loop().create_future()
+            self.counters.pending_writes += 1
+            self.counters.unacked_bytes += length
+            link.send([frame(w)])
+            if not local_first:
+                await local()
+            if waiter is not None:
+                await waiter
+        finally:
+            del self._writes_inflight[token]
+            self.tracker.close_epoch()
+
+    def _replicating_link(self) -> PeerLink | None:
+        link = self.link
+        if (link is None or not link.up or self.role is not Role.PRIMARY
+                or self.repl not in (Repl.ESTABLISHED, Repl.SYNC_SOURCE, Repl.SYNC_TARGET,
+                                     Repl.VERIFY_SOURCE, Repl.VERIFY_TARGET)):
+            return None
+        return link
+
+    async def _al_guard(self, offset: int, length: int) -> None:
+        extents = self.meta.al_extents_for(offset, length)
+        if not self.meta.al_missing(extents):
+            self.meta.al_touch(extents)
+            return
+        async with self._al_lock:  # one activity-log update at a time, shared by waiters
+            missing = self.meta.al_missing(extents)
+            if missing:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.meta.al_activate, missing)
+
+    async def _remote_read(self, offset: int, length: int) -> bytes:
+        link = self.link
+        if link is None or not link.up:
+            raise DeviceError(errno.EIO, f"{self.name}: blocks at {offset} are not synced yet "
+                                         f"and the peer is not connected")
+        rid = self._new_id()
+        waiter = self._reads[rid] = asyncio.get_running_loop().create_future()
+        link.send([Frame(T.READ_REQUEST, 0, rid, offset, length)])
+        try:
+            return await asyncio.wait_for(waiter, REMOTE_READ_TIMEOUT_S)
+        finally:
+            self._reads.pop(rid, None)
+
+    # --- range locking between guest writes and resync reads on the source -------------------
+
+    async def _wait_for_rs_reads(self, start: int, end: int) -> None:
+        while True:
+            ev = next((e for s, t, e in self._rs_reads.values() if s < end and start < t), None)
+            if ev is None:
+                return
+            await ev.wait()
+
+    async def _rs_read_locked(self, offset: int, length: int) -> tuple[bytes, Callable]:
+        """Read for a resync answer once every guest write in flight to the range is done;
+        later guest writes to it wait until the caller, having queued the answer on the
+        link, calls the returned release()."""
+        start, end = offset, offset + length
+        rid = self._new_id()
+        ev = asyncio.Event()
+        earlier = [t for t, (s, e) in self._writes_inflight.items() if s < end and start < e]
+        self._rs_reads[rid] = (start, end, ev)
+
+        def release() -> None:
+            self._rs_reads.pop(rid, None)
+            ev.set()
+
+        try:
+            while any(t in self._writes_inflight for t in earlier):
+                await asyncio.sleep(0.001)
+            return await self.volume.read(offset, length), release
+        except BaseException:
+            release()
+            raise
+
+    # --- link life ---------------------------------------------------------------------------
+
+    def attach(self, link: PeerLink) -> None:
+        """A new authenticated link (dialed or accepted) replaces any old one."""
+        old, self.link = self.link, link
+        if old is not None and old is not link:
+            old.close("replaced by a new connection")
+
+    def link_up(self, link: PeerLink) -> None:
+        self.attach(link)
+        self._set("connection", Conn.CONNECTED)
+        self._settled.clear()
+        self._peer_state = None
+        self._peer_bitmap_chunks = []
+        # Epochs restart with each primary's link; offset them so the apply order stays
+        # monotonic across links (older applies may still be running).
+        self._epoch_base = self._epoch_seen + 1
+        self.counters = PeerCounters()
+        link.send(wire.encode_json(T.STATE, self._local_side().to_json()))
+        self._send_bitmap(link)
+        log.info("%s: connected to %s", self.name, link.peer_node)
+
+    def _local_side(self) -> Side:
+        if self.discard_my_data:
+            return Side(self.node, Generation(), Disk.INCONSISTENT, self.role)
+        return Side(self.node, self.gen, self.disk, self.role, self.crashed_primary,
+                    self.meta.bitmap.count())
+
+    def _send_bitmap(self, link: PeerLink) -> None:
+        """Send the chunks of the bitmap that have bits set, then an empty last frame."""
+        data = memoryview(self.meta.bitmap.to_bytes())
+        for pos in range(0, len(data), BITMAP_CHUNK_BYTES):
+            chunk = data[pos:pos + BITMAP_CHUNK_BYTES]
+            if any(chunk):
+                link.send([Frame(T.BITMAP, 0, 0, pos, 0, chunk)])
+        link.send([Frame(T.BITMAP, wire.FLAG_LAST)])
+
+    def link_down(self, link: PeerLink, reason: str) -> None:
+        if link is not self.link:
+            return
+        self.link = None
+        lost = self.tracker.link_lost()
+        for w in lost:
+            self.meta.bitmap.set_range(w.offset, w.length)
+        for fut in [*self._acks.values(), *self._flushes.values()]:
+            if not fut.done():
+                fut.set_result(False)
+        for fut in self._reads.values():
+            if not fut.done():
+                fut.set_exception(DeviceError(errno.EIO, f"peer lost: {reason}"))
+        self._acks.clear()
+        self._flushes.clear()
+        self._stop_sweep()
+        was_replicating = self.repl is not Repl.OFF
+        self._set("replication", Repl.OFF)
+        self._set("peer-role", Role.UNKNOWN)
+        self._set("peer-disk", Disk.UNKNOWN)
+        self._settled.set()
+        if self.conn is not Conn.STANDALONE:
+            self._set("connection", Conn.CONNECTING)
+        log.warning("%s: lost %s: %s; %d unacknowledged writes marked out of sync", self.name,
+                    link.peer_node, reason, len(lost))
+        if self.role is Role.PRIMARY and was_replicating:
+            # The peer stops following: start a new generation, tracked by the bitmap.
+            self.gen = self.gen.rotated()
+            asyncio.get_running_loop().create_task(self._persist())
+
+    def link_frame(self, link: PeerLink, f: Frame) -> None:
+        handler = _HANDLERS.get(f.type)
+        if handler is None:
+            link.refuse(f"unexpected {f.type.name} frame")
+            return
+        handler(self, link, f)
+
+    # --- connect handshake: STATE, BITMAP, decision ------------------------------------------
+
+    def _on_state(self, link: PeerLink, f: Frame) -> None:
+        side = Side.from_json(f.json())
+        if self._peer_state is not None:  # a later update: role or disk changed
+            self._peer_state = side
+            self._set("peer-role", side.role)
+            self._set("peer-disk", side.disk)
+            self.peer_gen = side.gen
+            return
+        self._peer_state = side
+        self.peer_gen = side.gen
+
+    def _on_bitmap(self, link: PeerLink, f: Frame) -> None:
+        if f.flags & wire.FLAG_LAST:
+            self._decide(link)
+        elif len(f.payload):
+            self._peer_bitmap_chunks.append((f.offset, bytes(f.payload)))
+
+    def _decide(self, link: PeerLink) -> None:
+        peer = self._peer_state
+        if peer is None:
+            link.refuse("BITMAP before STATE")
+            return
+        local = self._local_side()
+        d = decide(local, peer)
+        self.last_decision = d
+        self._set("peer-role", peer.role)
+        self._set("peer-disk", peer.disk)
+        log.info("%s: %s vs %s: %s", self.name, self.node, peer.node, d)
+        self._emit(Event(self.name, "decision", "", d.sync.name, str(d)))
+        chunks, self._peer_bitmap_chunks = self._peer_bitmap_chunks, []
+        if not d.sync.connects or (peer.role is Role.PRIMARY and self.role is Role.PRIMARY):
+            why = str(d) if not d.sync.connects else "both nodes are Primary"
+            log.error("%s: refusing to replicate with %s: %s. Data on both nodes is kept; "
+                      "resolve with 'rblock connect %s --discard-my-data' on the node whose "
+                      "changes are to be thrown away, then 'rblock connect %s' on the other",
+                      self.name, peer.node, why, self.name, self.name)
+            self._set("connection", Conn.STANDALONE)
+            self._emit(Event(self.name, "split-brain", "", why))
+            link.send(wire.encode_json(T.DISCONNECT, {"reason": why}))
+            link.close(why)
+            self._settled.set()
+            return
+        if d.sync in (Sync.BITMAP_SOURCE, Sync.BITMAP_TARGET):
+            peer_bits = bytearray(len(self.meta.bitmap.to_bytes()))
+            for pos, data in chunks:
+                peer_bits[pos:pos + len(data)] = data
+            self.meta.bitmap.merge(bytes(peer_bits))
+        elif d.sync in (Sync.FULL_SOURCE, Sync.FULL_TARGET):
+            self.meta.bitmap.set_range(0, self.size_bytes)
+        if self.discard_my_data:
+            self.discard_my_data = False
+            self.gen = Generation()
+        if d.sync in (Sync.BITMAP_TARGET, Sync.FULL_TARGET):
+            self._begin_sync_target()
+        elif d.sync in (Sync.BITMAP_SOURCE, Sync.FULL_SOURCE):
+            self._set("replication", Repl.SYNC_SOURCE)
+            self._set("peer-disk", Disk.INCONSISTENT)
+            self.counters.reset_resync(self.meta.bitmap.count())
+        elif d.sync is Sync.NONE:
+            self._set("replication", Repl.ESTABLISHED)
+            if self.crashed_primary:
+                self.crashed_primary = False
+        else:  # NO_DATA / NO_GOOD_DATA: connected, nothing flows until someone has data
+            self._set("replication", Repl.ESTABLISHED)
+        self._settled.set()
+
+    # --- resync: the target drives ----------------------------------------------------------
+
+    def _begin_sync_target(self) -> None:
+        self._set("replication", Repl.SYNC_TARGET)
+        self._set_disk(Disk.INCONSISTENT)
+        blocks = self.meta.bitmap.count()
+        self.counters.reset_resync(blocks)
+        log.info("%s: resync from %s: %d blocks (%d bytes) out of sync", self.name,
+                 self.peer_node, blocks, blocks * BLOCK_BYTES)
+        self._start_sweep("resync", SweepPlanner(self._nblocks, self.meta.bitmap.next_run))
+
+    @property
+    def peer_node(self) -> str:
+        return self.peer_cfg.name
+
+    @property
+    def _nblocks(self) -> int:
+        return self.size_bytes // BLOCK_BYTES
+
+    def _start_sweep(self, kind: str, planner: SweepPlanner) -> None:
+        self._stop_sweep()
+        self._sweep, self._sweep_kind = planner, kind
+        self._sweep_task = asyncio.get_running_loop().create_task(self._run_sweep(planner))
+
+    def _stop_sweep(self) -> None:
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        self._sweep_task = None
+        self._sweep = None
+
+    async def _run_sweep(self, planner: SweepPlanner) -> None:
+        """Send resync or verify requests: bounded in flight, rate limited, then finish."""
+        loop = asyncio.get_running_loop()
+        request = T.RS_REQUEST if self._sweep_kind == "resync" else T.VERIFY_REQUEST
+        self._sweep_wakeup = asyncio.Event()
+        try:
+            while True:
+                link = self.link
+                if link is None or not link.up:
+                    return
+                nxt = planner.next_request()
+                if nxt is None:
+                    if not planner.inflight:
+                        break
+                    self._sweep_wakeup.clear()
+                    await self._sweep_wakeup.wait()
+                    continue
+                rid, first, count = nxt
+                offset, length = first * BLOCK_BYTES, count * BLOCK_BYTES
+                delay = self._rate.delay_s(loop.time(), length)
+                if delay:
+                    await asyncio.sleep(delay)
+                data = await self.volume.read(offset, length)
+                link.send([Frame(request, 0, rid, offset, length, _block_crcs(data))])
+                self._maybe_flush_bitmap()
+            await self._sweep_finished()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: %s stopped", self.name, self._sweep_kind)
+
+    def _sweep_answer(self, rid: int) -> None:
+        if self._sweep is not None and rid in self._sweep.inflight:
+            self._sweep.done(rid)
+        if getattr(self, "_sweep_wakeup", None) is not None:
+            self._sweep_wakeup.set()
+
+    async def _sweep_finished(self) -> None:
+        kind = self._sweep_kind
+        self._sweep = None
+        self._sweep_task = None
+        link = self.link
+        if kind == "verify":
+            log.info("%s: verify done: %d blocks differ (marked out of sync; disconnect and "
+                     "connect to resync them)", self.name, self._verify_found)
+            self._set("replication", Repl.ESTABLISHED)
+            await self._flush_bitmap()
+            return
+        if self.meta.bitmap.count() or link is None or not link.up:
+            return  # interrupted; the next connection resumes from the bitmap
+        assert self.peer_gen is not None
+        self.gen = self.gen.synced_from(self.peer_gen)
+        self.crashed_primary = False
+        self._set_disk(Disk.UPTODATE, persist=False)
+        await self._persist(role_primary=self.role is Role.PRIMARY)
+        await self._flush_bitmap()
+        link.send(wire.encode_json(T.SYNC_DONE, {"gen": self.gen.to_json()}))
+        self._set("replication", Repl.ESTABLISHED)
+        self._emit(Event(self.name, "sync-done", "", "target"))
+        log.info("%s: resync from %s finished", self.name, self.peer_node)
+
+    def _maybe_flush_bitmap(self) -> None:
+        now = time.monotonic()
+        if now - self._last_bitmap_flush_s >= BITMAP_FLUSH_INTERVAL_S:
+            self._last_bitmap_flush_s = now
+            self.counters.history.append((now, self.meta.bitmap.count()))
+            del self.counters.history[:-64]
+            asyncio.get_running_loop().create_task(self._flush_bitmap())
+
+    async def _flush_bitmap(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.meta.flush_bitmap)
+
+    def _on_rs_request(self, link: PeerLink, f: Frame) -> None:
+        """Source: answer with the data, or RS_SAME when every block's checksum matches."""
+        run_eager(self._serve_rs(link, f), _log_failure(self.name, "resync request"))
+
+    async def _serve_rs(self, link: PeerLink, f: Frame) -> None:
+        crcs = bytes(f.payload)
+        data, release = await self._rs_read_locked(f.offset, f.aux)
+        try:
+            if _block_crcs(data) == crcs:
+                link.send([Frame(T.RS_SAME, 0, f.id, f.offset, f.aux)])
+            else:
+                link.send([Frame(T.RS_DATA, 0, f.id, f.offset, 0, data)])
+                self.counters.resync_sent_bytes += len(data)
+            self.meta.bitmap.clear_range(f.offset, f.aux)
+        finally:
+            release()
+
+    def _on_rs_data(self, link: PeerLink, f: Frame) -> None:
+        offset, data = f.offset, f.payload
+        self.counters.resync_received_bytes += len(data)
+
+        async def apply() -> None:
+            await self.volume.write(offset, data, False)
+            self.meta.bitmap.clear_range(offset, len(data))
+            self._sweep_answer(f.id)
+
+        self._queue_apply(self._epoch_seen - self._epoch_base, offset, len(data), apply)
+
+    def _on_rs_same(self, link: PeerLink, f: Frame) -> None:
+        self.meta.bitmap.clear_range(f.offset, f.aux)
+        self._sweep_answer(f.id)
+
+    def _on_sync_done(self, link: PeerLink, f: Frame) -> None:
+        """Source: the target has everything; stop tracking."""
+        self.peer_gen = Generation.from_json(f.json()["gen"])
+        self.gen = self.gen.sync_source_done()
+        self.meta.bitmap.clear_range(0, self.size_bytes)
+        self.crashed_primary = False
+        self._set("peer-disk", Disk.UPTODATE)
+        self._set("replication", Repl.ESTABLISHED)
+        self._emit(Event(self.name, "sync-done", "", "source"))
+        log.info("%s: resync to %s finished", self.name, link.peer_node)
+        asyncio.get_running_loop().create_task(self._persist_and_flush())
+
+    async def _persist_and_flush(self) -> None:
+        await self._persist()
+        await self._flush_bitmap()
+
+    # --- verify -----------------------------------------------------------------------------
+
+    def start_verify(self) -> None:
+        link = self.link
+        if link is None or not link.up or self.repl is not Repl.ESTABLISHED:
+            raise ResourceError(f"{self.name}: verify needs a connected, synced peer "
+                                f"(replication is {self.repl.value})")
+        self._verify_found = 0
+        self._set("replication", Repl.VERIFY_SOURCE)
+        self.counters.reset_resync(self._nblocks)
+        link.send(wire.encode_json(T.STATE, {**self._local_side().to_json(),
+                                             "verify": True}))
+        self._start_sweep("verify", SweepPlanner(self._nblocks, all_blocks(self._nblocks),
+                                                 wrap=False))
+
+    def _on_verify_request(self, link: PeerLink, f: Frame) -> None:
+        async def answer() -> None:
+            data = await self.volume.read(f.offset, f.aux)
+            mine, theirs = _block_crcs(data), bytes(f.payload)
+            differ = 0
+            for i in range(len(mine) // 4):
+                if mine[4 * i:4 * i + 4] != theirs[4 * i:4 * i + 4]:
+                    differ |= 1 << i
+                    self.meta.bitmap.set_range(f.offset + i * BLOCK_BYTES, BLOCK_BYTES)
+            link.send([Frame(T.VERIFY_REPLY, 0, f.id, f.offset, differ, wire.u64(f.aux))])
+            if self.repl is Repl.ESTABLISHED:
+                self._set("replication", Repl.VERIFY_TARGET)
+
+        run_eager(answer(), _log_failure(self.name, "verify request"))
+
+    def _on_verify_reply(self, link: PeerLink, f: Frame) -> None:
+        differ = f.aux
+        for i in range(f.u64() // BLOCK_BYTES):
+            if differ >> i & 1:
+                self.meta.bitmap.set_range(f.offset + i * BLOCK_BYTES, BLOCK_BYTES)
+                self._verify_found += 1
+        self._sweep_answer(f.id)
+        if self._sweep is not None:
+            self.counters.history.append((time.monotonic(), self._sweep_left()))
+            del self.counters.history[:-64]
+
+    def _sweep_left(self) -> int:
+        if self._sweep is None:
+            return 0
+        return max(0, self._nblocks - self._sweep.cursor)
+
+    # --- secondary: applying the primary's writes ----------------------------------------
+
+    def _on_data(self, link: PeerLink, f: Frame) -> None:
+        if self.role is Role.PRIMARY:
+            link.refuse("both nodes are Primary")
+            return
+        seq, offset, data, fua = f.id, f.offset, f.payload, bool(f.flags & wire.FLAG_FUA)
+        self.counters.received_bytes += len(data)
+        if self.cfg.protocol == "B":
+            link.send([Frame(T.RECV_ACK, 0, seq)])
+
+        async def apply() -> None:
+            await self.volume.write(offset, data, fua)
+            if self.repl is Repl.SYNC_TARGET:
+                self.meta.bitmap.clear_range(offset, len(data))  # fully covered blocks
+
+        self._queue_apply(f.aux, offset, len(data), apply, ack_seq=seq)
+
+    def _on_trim_or_zeroes(self, link: PeerLink, f: Frame) -> None:
+        if self.role is Role.PRIMARY:
+            link.refuse("both nodes are Primary")
+            return
+        seq, offset, length = f.id, f.offset, f.u64()
+        fua = bool(f.flags & wire.FLAG_FUA)
+        if self.cfg.protocol == "B":
+            link.send([Frame(T.RECV_ACK, 0, seq)])
+        if f.type is T.TRIM:
+            async def apply() -> None:
+                await self.volume.trim(offset, length, fua)
+        else:
+            may_punch = not f.flags & wire.FLAG_NO_HOLE
+
+            async def apply() -> None:
+                await self.volume.write_zeroes(offset, length, fua, may_punch, False)
+        self._queue_apply(f.aux, offset, length, apply, ack_seq=seq)
+
+    def _on_flush(self, link: PeerLink, f: Frame) -> None:
+        fid = f.id
+
+        async def apply() -> None:
+            await self.volume.flush()
+            link.send([Frame(T.FLUSH_ACK, 0, fid)])
+
+        self._queue_apply(f.aux, 0, 0, apply, barrier=True)
+
+    def _queue_apply(self, epoch: int, offset: int, length: int, job: Callable,
+                     barrier: bool = False, ack_seq: int = 0) -> None:
+        epoch = max(self._epoch_base + epoch, self._epoch_seen)
+        self._epoch_seen = epoch
+        entry = self.applyq.add(epoch, offset, length, barrier)
+        link = self.link
+
+        def run() -> object:
+            return job()
+
+        self._apply_jobs[entry.key] = (run, ack_seq, link)  # type: ignore[assignment]
+        if self.applyq.full and link is not None:
+            link.pause()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start every queued apply that may start; re-entrant calls just ask for another
+        round (an apply that completes synchronously would otherwise recurse)."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                for entry in self.applyq.startable():
+                    run, ack_seq, link = self._apply_jobs.pop(entry.key)  # type: ignore[misc]
+                    run_eager(run(), self._applied_cb(entry.key, ack_seq, link))
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+
+    def _applied_cb(self, key: int, ack_seq: int, link: PeerLink | None) -> Callable:
+        def done(result: object, exc: BaseException | None) -> None:
+            self.applyq.done(key)
+            if link is not None and link.up:
+                if exc is not None:
+                    log.error("%s: applying a peer write failed: %s", self.name, exc)
+                    if ack_seq:
+                        link.send([Frame(T.NEG_ACK, 0, ack_seq, 0,
+                                         getattr(exc, "errno", None) or errno.EIO)])
+                elif ack_seq:
+                    link.send([Frame(T.WRITE_ACK, 0, ack_seq)])
+                if not self.applyq.full:
+                    link.resume()
+            self._pump()
+        return done
+
+    # --- primary: acks and remote reads --------------------------------------------------------
+
+    def _on_write_ack(self, link: PeerLink, f: Frame) -> None:
+        w = self.tracker.acked(f.id)
+        if w is not None:
+            self.counters.pending_writes -= 1
+            self.counters.unacked_bytes -= w.length
+            self.counters.sent_bytes += w.length
+        fut = self._acks.pop(f.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def _on_recv_ack(self, link: PeerLink, f: Frame) -> None:
+        self.tracker.received(f.id)
+        fut = self._acks.pop(f.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def _on_neg_ack(self, link: PeerLink, f: Frame) -> None:
+        w = self.tracker.pending.get(f.id)
+        if w is not None:
+            self.meta.bitmap.set_range(w.offset, w.length)  # the peer could not apply it
+            log.warning("%s: %s failed to apply a write at %d (errno %d); marked out of sync",
+                        self.name, link.peer_node, w.offset, f.aux)
+        self._on_write_ack(link, f)
+
+    def _on_flush_ack(self, link: PeerLink, f: Frame) -> None:
+        fut = self._flushes.pop(f.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def _on_read_request(self, link: PeerLink, f: Frame) -> None:
+        async def answer() -> None:
+            try:
+                data = await self.volume.read(f.offset, f.aux)
+            except OSError as e:
+                link.send([Frame(T.READ_ERROR, 0, f.id, f.offset, e.errno or errno.EIO)])
+                return
+            link.send([Frame(T.READ_REPLY, 0, f.id, f.offset, 0, data)])
+
+        run_eager(answer(), _log_failure(self.name, "remote read"))
+
+    def _on_read_reply(self, link: PeerLink, f: Frame) -> None:
+        fut = self._reads.get(f.id)
+        if fut is None or fut.done():
+            return
+        if f.type is T.READ_ERROR:
+            fut.set_exception(DeviceError(f.aux, f"read from {link.peer_node} failed"))
+        else:
+            fut.set_result(bytes(f.payload))
+
+    def _on_disconnect(self, link: PeerLink, f: Frame) -> None:
+        reason = f.json().get("reason", "?")
+        if f.json().get("outdate_peer") and self.role is Role.SECONDARY:
+            self._set_disk(Disk.OUTDATED)
+        log.info("%s: %s disconnects: %s", self.name, link.peer_node, reason)
+        link.close(f"peer disconnected: {reason}")
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def promote(self, force: bool = False) -> str:
+        chk = check_promote(self.role, self.disk, self.gen, self.conn, self.repl,
+                            self.peer_role, self.peer_disk, self.peer_node, force)
+        if not chk.ok:
+            raise ResourceError(f"cannot promote {self.name} on {self.node}: {chk.reason}")
+        if self.role is Role.PRIMARY:
+            return "already Primary"
+        connected = self.link is not None and self.link.up and self.repl is not Repl.OFF
+        if chk.forced_fresh:
+            self.gen = self.gen.rotated()
+            self.gen = Generation(self.gen.current)  # nothing to track: all of it is new
+            self._set_disk(Disk.UPTODATE, persist=False)
+        elif not connected:
+            self.gen = self.gen.rotated()  # data starts to differ from the absent peer's
+        elif self.disk is Disk.OUTDATED:
+            self._set_disk(Disk.UPTODATE, persist=False)
+        self._set("role", Role.PRIMARY)
+        await self._persist(role_primary=True)
+        if self.link is not None and self.link.up:
+            if chk.forced_fresh:
+                self.link.close("renegotiating after forced promotion")  # full sync next
+            else:
+                self.link.send(wire.encode_json(T.STATE, self._local_side().to_json()))
+        log.info("%s: Primary on %s%s", self.name, self.node,
+                 f" ({chk.reason})" if chk.reason else "")
+        return chk.reason or "promoted"
+
+    async def demote(self, force: bool = False) -> str:
+        if self.role is Role.SECONDARY:
+            return "already Secondary"
+        clients = self.nbd_clients()
+        if clients and not force:
+            raise ResourceError(f"{self.name} has {clients} NBD client(s) connected on "
+                                f"{self.node}; stop them first (or --force to cut them off)")
+        self._set("role", Role.SECONDARY)
+        await self.flush()
+        await self._persist(role_primary=False)
+        if self.link is not None and self.link.up:
+            self.link.send(wire.encode_json(T.STATE, self._local_side().to_json()))
+        return "demoted"
+
+    def disconnect(self) -> None:
+        self._set("connection", Conn.STANDALONE)
+        if self.link is not None:
+            self.link.send(wire.encode_json(T.DISCONNECT, {
+                "reason": f"'rblock disconnect' on {self.node}",
+                "outdate_peer": self.role is Role.PRIMARY}))
+            self.link.close("disconnect requested")
+
+    def connect(self, discard_my_data: bool = False) -> None:
+        if discard_my_data:
+            if self.role is Role.PRIMARY:
+                raise ResourceError(f"{self.name} is Primary on {self.node}; make it secondary "
+                                    f"before discarding its data")
+            self.discard_my_data = True
+        if self.conn is Conn.STANDALONE:
+            self._set("connection", Conn.CONNECTING)
+
+    async def invalidate(self) -> None:
+        """Throw away this node's data: everything is resynced from the peer."""
+        if self.role is Role.PRIMARY and (self.link is None or not self.link.up):
+            raise ResourceError(f"{self.name} is Primary on {self.node} and has no peer to "
+                                f"read from; connect it first")
+        self.meta.bitmap.set_range(0, self.size_bytes)
+        self._set_disk(Disk.INCONSISTENT)
+        await self._flush_bitmap()
+        if self.link is not None:
+            self.link.close("invalidated: resync from the peer")
+
+    # --- persistence, events, status --------------------------------------------------------
+
+    def _set(self, what: str, value: Role | Disk | Conn | Repl) -> None:
+        attr = {"role": "role", "connection": "conn", "replication": "repl",
+                "peer-role": "peer_role", "peer-disk": "peer_disk"}[what]
+        old = getattr(self, attr)
+        if old is value:
+            return
+        setattr(self, attr, value)
+        self._emit(Event(self.name, what, old.value, value.value))
+
+    def _set_disk(self, disk: Disk, persist: bool = True) -> None:
+        old = self.disk
+        if old is disk:
+            return
+        self.disk = disk
+        self._emit(Event(self.name, "disk", old.value, disk.value))
+        if persist:
+            asyncio.get_running_loop().create_task(self._persist())
+
+    async def _persist(self, **extra: object) -> None:
+        async with self._persist_lock:
+            changes = dict(uuid_current=self.gen.current, uuid_bitmap=self.gen.bitmap,
+                           uuid_history=list(self.gen.history),
+                           disk_state=DISK_PERSISTED[self.disk])
+            changes.update(extra)
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.meta.write_superblock(**changes))
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def status(self, nbd_uri: str) -> dict:
+        oos = self.meta.bitmap.count()
+        c = self.counters
+        syncing = self.repl in (Repl.SYNC_SOURCE, Repl.SYNC_TARGET)
+        verifying = self.repl in (Repl.VERIFY_SOURCE, Repl.VERIFY_TARGET)
+        left = oos if syncing else (self._sweep_left() if verifying else 0)
+        now = time.monotonic()
+        samples = [s for s in c.history if now - s[0] <= SYNC_RATE_WINDOW_S] + [(now, left)]
+        pct, rate_blocks, eta = sync_progress(c.resync_started_blocks, left, samples)
+        link = self.link
+        peer = {
+            "node": self.peer_node,
+            "connection": self.conn.value,
+            "replication": self.repl.value,
+            "role": self.peer_role.value,
+            "disk": self.peer_disk.value,
+            "out_of_sync_bytes": oos * BLOCK_BYTES,
+            "sync_percent": round(pct, 1) if (syncing or verifying) else
+            (100.0 if oos == 0 else 0.0),
+            "sync_rate_bytes_per_s": int(rate_blocks * BLOCK_BYTES),
+            "eta_s": round(eta, 1) if eta is not None and (syncing or verifying) else None,
+            "sent_bytes": link.sent_bytes if link else 0,
+            "received_bytes": link.received_bytes if link else 0,
+            "resync_sent_bytes": c.resync_sent_bytes,
+            "resync_received_bytes": c.resync_received_bytes,
+            "pending_writes": len(self.tracker.pending),
+            "unacked_bytes": self.tracker.pending_bytes,
+            "last_decision": str(self.last_decision) if self.last_decision else None,
+        }
+        return {
+            "name": self.name, "role": self.role.value, "disk": self.disk.value,
+            "size_bytes": self.size_bytes, "nbd": nbd_uri if self.role is Role.PRIMARY else None,
+            "protocol": self.cfg.protocol, "crashed_primary": self.crashed_primary,
+            "generation": {"current": f"{self.gen.current:016X}",
+                           "bitmap": f"{self.gen.bitmap:016X}",
+                           "history": [f"{h:016X}" for h in self.gen.history]},
+            "peers": [peer],
+        }
+
+
+def _block_crcs(data: bytes | memoryview) -> bytes:
+    view = memoryview(data)
+    return b"".join(struct.pack(">I", crc32c.crc32c(view[i:i + BLOCK_BYTES]))
+                    for i in range(0, len(view), BLOCK_BYTES))
+
+
+def _log_failure(name: str, what: str) -> Callable[[object, BaseException | None], None]:
+    def done(result: object, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.error("%s: %s failed: %s", name, what, exc)
+    return done
+
+
+_HANDLERS: dict[T, Callable[[Resource, PeerLink, Frame], None]] = {
+    T.STATE: Resource._on_state,
+    T.BITMAP: Resource._on_bitmap,
+    T.DATA: Resource._on_data,
+    T.TRIM: Resource._on_trim_or_zeroes,
+    T.ZEROES: Resource._on_trim_or_zeroes,
+    T.WRITE_ACK: Resource._on_write_ack,
+    T.RECV_ACK: Resource._on_recv_ack,
+    T.NEG_ACK: Resource._on_neg_ack,
+    T.FLUSH: Resource._on_flush,
+    T.FLUSH_ACK: Resource._on_flush_ack,
+    T.RS_REQUEST: Resource._on_rs_request,
+    T.RS_DATA: Resource._on_rs_data,
+    T.RS_SAME: Resource._on_rs_same,
+    T.READ_REQUEST: Resource._on_read_request,
+    T.READ_REPLY: Resource._on_read_reply,
+    T.READ_ERROR: Resource._on_read_reply,
+    T.VERIFY_REQUEST: Resource._on_verify_request,
+    T.VERIFY_REPLY: Resource._on_verify_reply,
+    T.SYNC_DONE: Resource._on_sync_done,
+    T.DISCONNECT: Resource._on_disconnect,
+}

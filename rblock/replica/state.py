@@ -1,0 +1,352 @@
+"""Roles, disk and connection states, and the decisions taken on them. Pure: no I/O, no await.
+
+Theory of operation
+-------------------
+Each node keeps generation UUIDs for its data (DRBD's scheme):
+
+- `current`: names the data as it is now. A fresh disk has UUID_JUST_CREATED.
+- `bitmap`: the generation the dirty bitmap counts changes from; 0 while nothing is tracked.
+- `history`: older generations, newest first (at most HISTORY_MAX).
+
+A new current UUID is generated when data starts to diverge from what the peer has: a
+primary losing its peer, a node promoted while disconnected, a forced first promotion. When a
+resync ends, the target takes the source's current UUID and both sides clear `bitmap`.
+
+When two nodes connect, `decide(local, peer)` compares their UUIDs through the rule table
+`RULES`, first match wins, and says: nothing to do, bitmap resync one way, full sync one
+way, split brain (both wrote since they parted: refuse, never merge), or unrelated data.
+The table is symmetric: `decide(a, b)` and `decide(b, a)` always agree on the direction, so
+both nodes reach the same decision without another round trip (tested with hypothesis).
+Every decision carries the name of the rule that made it, for the log.
+
+`check_promote` says whether a node may become primary, and why not.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+UUID_JUST_CREATED = 4  # DRBD's marker for "metadata created, no data yet"
+HISTORY_MAX = 2
+
+
+class Role(enum.Enum):
+    PRIMARY = "Primary"
+    SECONDARY = "Secondary"
+    UNKNOWN = "Unknown"  # a peer we are not connected to
+
+
+class Disk(enum.Enum):
+    DISKLESS = "Diskless"
+    INCONSISTENT = "Inconsistent"  # fresh, or a resync target that has not finished
+    OUTDATED = "Outdated"  # consistent, but known to miss writes the peer has
+    UPTODATE = "UpToDate"
+    UNKNOWN = "DUnknown"  # a peer's disk while disconnected
+
+
+class Conn(enum.Enum):
+    STANDALONE = "StandAlone"  # not trying to connect (disconnect, split brain)
+    CONNECTING = "Connecting"
+    CONNECTED = "Connected"
+
+
+class Repl(enum.Enum):
+    OFF = "Off"
+    ESTABLISHED = "Established"
+    SYNC_SOURCE = "SyncSource"
+    SYNC_TARGET = "SyncTarget"
+    VERIFY_SOURCE = "VerifyS"
+    VERIFY_TARGET = "VerifyT"
+
+
+PERSISTED_DISK = {"inconsistent": Disk.INCONSISTENT, "outdated": Disk.OUTDATED,
+                  "uptodate": Disk.UPTODATE}
+DISK_PERSISTED = {v: k for k, v in PERSISTED_DISK.items()}
+
+
+def new_uuid() -> int:
+    """A random 64-bit generation UUID, never one of the reserved small values."""
+    while True:
+        u = secrets.randbits(64) & ~1  # DRBD keeps bit 0 for flags; we keep it clear too
+        if u > 0xFFFF:
+            return u
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    current: int = UUID_JUST_CREATED
+    bitmap: int = 0
+    history: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert len(self.history) <= HISTORY_MAX
+        assert all(0 <= u < 2**64 for u in (self.current, self.bitmap, *self.history))
+
+    @property
+    def fresh(self) -> bool:
+        return self.current == UUID_JUST_CREATED
+
+    def rotated(self, new_current: int | None = None) -> Generation:
+        """Start a new data generation (data begins to differ from the peer's).
+        The bitmap keeps counting from the oldest generation the peer may still have: if it
+        already tracks one, the old current goes to history instead."""
+        cur = new_current if new_current is not None else new_uuid()
+        if self.bitmap == 0:
+            return Generation(cur, self.current, self.history)
+        return Generation(cur, self.bitmap, _push(self.history, self.current))
+
+    def synced_from(self, source: Generation) -> Generation:
+        """The target's UUIDs after a completed resync from SOURCE."""
+        return Generation(source.current, 0, _push(source.history, self.current)
+                          if self.current not in (UUID_JUST_CREATED, source.current)
+                          else source.history)
+
+    def sync_source_done(self) -> Generation:
+        """The source's UUIDs after a completed resync: nothing to track any more."""
+        if self.bitmap == 0:
+            return self
+        return Generation(self.current, 0, _push(self.history, self.bitmap))
+
+    def to_json(self) -> dict:
+        return {"current": self.current, "bitmap": self.bitmap, "history": list(self.history)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Generation:
+        return cls(int(d["current"]), int(d["bitmap"]), tuple(int(h) for h in d["history"]))
+
+
+def _push(history: tuple[int, ...], uuid: int) -> tuple[int, ...]:
+    if uuid in (0, UUID_JUST_CREATED):
+        return history
+    return ((uuid,) + tuple(h for h in history if h != uuid))[:HISTORY_MAX]
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """What a node tells its peer at connect time."""
+
+    node: str
+    gen: Generation
+    disk: Disk
+    role: Role = Role.SECONDARY
+    crashed_primary: bool = False  # was primary and did not stop cleanly
+    out_of_sync_blocks: int = 0
+
+    def to_json(self) -> dict:
+        return {"node": self.node, "gen": self.gen.to_json(), "disk": self.disk.value,
+                "role": self.role.value, "crashed_primary": self.crashed_primary,
+                "out_of_sync_blocks": self.out_of_sync_blocks}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Side:
+        return cls(str(d["node"]), Generation.from_json(d["gen"]), Disk(d["disk"]),
+                   Role(d["role"]), bool(d["crashed_primary"]), int(d["out_of_sync_blocks"]))
+
+    @property
+    def consistent(self) -> bool:
+        return self.disk in (Disk.UPTODATE, Disk.OUTDATED)
+
+
+class Sync(enum.Enum):
+    NONE = "no sync"
+    BITMAP_SOURCE = "bitmap resync, this node is the source"
+    BITMAP_TARGET = "bitmap resync, this node is the target"
+    FULL_SOURCE = "full sync, this node is the source"
+    FULL_TARGET = "full sync, this node is the target"
+    NO_DATA = "neither node has data yet; promote one with --force"
+    SPLIT_BRAIN = "split brain: both nodes wrote since they parted"
+    UNRELATED = "unrelated data: the nodes share no generation"
+    NO_GOOD_DATA = "no node has consistent data to sync from"
+
+    @property
+    def connects(self) -> bool:
+        """Whether replication may start (writes flow to the peer)."""
+        return self not in (Sync.SPLIT_BRAIN, Sync.UNRELATED)
+
+    @property
+    def mirror(self) -> Sync:
+        return _MIRROR.get(self, self)
+
+
+_MIRROR = {Sync.BITMAP_SOURCE: Sync.BITMAP_TARGET, Sync.BITMAP_TARGET: Sync.BITMAP_SOURCE,
+           Sync.FULL_SOURCE: Sync.FULL_TARGET, Sync.FULL_TARGET: Sync.FULL_SOURCE}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    sync: Sync
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.sync.value} (rule {self.rule})"
+
+
+def _source_if(local_is_source: bool, bitmap: bool) -> Sync:
+    if bitmap:
+        return Sync.BITMAP_SOURCE if local_is_source else Sync.BITMAP_TARGET
+    return Sync.FULL_SOURCE if local_is_source else Sync.FULL_TARGET
+
+
+def _both_fresh(a: Side, b: Side) -> Sync | None:
+    return Sync.NO_DATA if a.gen.fresh and b.gen.fresh else None
+
+
+def _one_fresh(a: Side, b: Side) -> Sync | None:
+    if b.gen.fresh and not a.gen.fresh:
+        return Sync.FULL_SOURCE if a.consistent else Sync.NO_GOOD_DATA
+    if a.gen.fresh and not b.gen.fresh:
+        return Sync.FULL_TARGET if b.consistent else Sync.NO_GOOD_DATA
+    return None
+
+
+def _same_current(a: Side, b: Side) -> Sync | None:
+    """Same generation: at most some blocks differ (interrupted resync, crashed primary,
+    verify findings); the bitmaps of both sides say which."""
+    if a.gen.current != b.gen.current:
+        return None
+    if a.consistent != b.consistent:
+        return _source_if(a.consistent, bitmap=True)
+    if not a.consistent:
+        return Sync.NO_GOOD_DATA
+    if a.crashed_primary != b.crashed_primary:
+        # The crashed primary may hold writes that never reached the peer (its activity log
+        # extents): it is the source, as in DRBD.
+        return _source_if(a.crashed_primary, bitmap=True)
+    if a.out_of_sync_blocks or b.out_of_sync_blocks or a.crashed_primary:
+        # Both consistent and something differs: the primary's data wins, else the node
+        # whose name sorts first, so both sides pick the same direction.
+        if a.role != b.role and Role.PRIMARY in (a.role, b.role):
+            return _source_if(a.role is Role.PRIMARY, bitmap=True)
+        return _source_if(a.node < b.node, bitmap=True)
+    return Sync.NONE
+
+
+def _peer_moved_on(a: Side, b: Side) -> Sync | None:
+    """One side started a new generation from the other's current one; its bitmap holds every
+    block written since."""
+    peer_from_ours = b.gen.bitmap != 0 and b.gen.bitmap == a.gen.current
+    ours_from_peer = a.gen.bitmap != 0 and a.gen.bitmap == b.gen.current
+    if peer_from_ours and ours_from_peer:
+        return Sync.SPLIT_BRAIN  # each claims to descend from the other: cannot be ordered
+    if peer_from_ours:
+        return Sync.BITMAP_TARGET if b.consistent else Sync.NO_GOOD_DATA
+    if ours_from_peer:
+        return Sync.BITMAP_SOURCE if a.consistent else Sync.NO_GOOD_DATA
+    return None
+
+
+def _both_moved_on(a: Side, b: Side) -> Sync | None:
+    """Both started new generations from the same parent: both wrote. Never merged."""
+    if a.gen.bitmap and a.gen.bitmap == b.gen.bitmap:
+        return Sync.SPLIT_BRAIN
+    return None
+
+
+def _in_history(a: Side, b: Side) -> Sync | None:
+    """One side's data is an ancestor of the other's, further back than a bitmap covers."""
+    ours_older = a.gen.current in b.gen.history
+    peer_older = b.gen.current in a.gen.history
+    if ours_older and peer_older:
+        return Sync.SPLIT_BRAIN
+    if ours_older:
+        return Sync.FULL_TARGET if b.consistent else Sync.NO_GOOD_DATA
+    if peer_older:
+        return Sync.FULL_SOURCE if a.consistent else Sync.NO_GOOD_DATA
+    return None
+
+
+def _shared_ancestor(a: Side, b: Side) -> Sync | None:
+    ours = {a.gen.bitmap, *a.gen.history} - {0}
+    theirs = {b.gen.bitmap, *b.gen.history} - {0}
+    return Sync.SPLIT_BRAIN if ours & theirs else None
+
+
+# name -> rule; the first rule that returns a Sync decides.
+RULES: list[tuple[str, Callable[[Side, Side], Sync | None]]] = [
+    ("both-fresh", _both_fresh),
+    ("one-fresh", _one_fresh),
+    ("same-current", _same_current),
+    ("bitmap-from-current", _peer_moved_on),
+    ("same-bitmap", _both_moved_on),
+    ("current-in-history", _in_history),
+    ("shared-ancestor", _shared_ancestor),
+]
+
+
+def decide(local: Side, peer: Side) -> Decision:
+    for name, rule in RULES:
+        sync = rule(local, peer)
+        if sync is not None:
+            return Decision(sync, name)
+    return Decision(Sync.UNRELATED, "no-match")
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteCheck:
+    ok: bool
+    reason: str = ""
+    forced_fresh: bool = False  # the first promotion of fresh data: start a generation
+
+
+def check_promote(role: Role, disk: Disk, gen: Generation, conn: Conn, repl: Repl,
+                  peer_role: Role, peer_disk: Disk, peer_node: str, force: bool) -> PromoteCheck:
+    """May this node become primary? The reason names what is wrong and what to do."""
+    if role is Role.PRIMARY:
+        return PromoteCheck(True, "already Primary")
+    if conn is Conn.CONNECTED and peer_role is Role.PRIMARY:
+        return PromoteCheck(False, f"peer {peer_node} is Primary; make it secondary first "
+                                   f"('rblock secondary' on {peer_node})")
+    if conn is Conn.CONNECTED and repl is Repl.SYNC_TARGET:
+        return PromoteCheck(False, f"this node's data is older than {peer_node}'s (resync from "
+                                   f"it is running); wait for the resync to finish")
+    if disk is Disk.UPTODATE:
+        return PromoteCheck(True)
+    if (force and disk is Disk.INCONSISTENT and gen.fresh
+            and (conn is not Conn.CONNECTED or peer_disk is Disk.INCONSISTENT)):
+        return PromoteCheck(True, "forced: first promotion of fresh data", forced_fresh=True)
+    if disk is Disk.INCONSISTENT and gen.fresh:
+        return PromoteCheck(False, "the disk holds no data yet; the first promotion of fresh "
+                                   "data needs --force")
+    if disk is Disk.OUTDATED and force:
+        return PromoteCheck(True, "forced: promoting an Outdated disk")
+    return PromoteCheck(False, f"local disk is {disk.value}, not UpToDate"
+                               + ("; it is resyncing from the peer" if repl is Repl.SYNC_TARGET
+                                  else "; connect to a peer with good data to resync it"))
+
+
+@dataclass
+class PeerCounters:
+    """Per-peer numbers shown by `rblock status`."""
+
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    resync_sent_bytes: int = 0
+    resync_received_bytes: int = 0
+    pending_writes: int = 0  # sent, not yet acked
+    unacked_bytes: int = 0
+    resync_started_blocks: int = 0  # out-of-sync blocks when the resync began
+    history: list[tuple[float, int]] = field(default_factory=list)  # (time_s, oos blocks)
+
+    def reset_resync(self, blocks: int) -> None:
+        self.resync_started_blocks = blocks
+        self.history.clear()
+
+
+def sync_progress(started_blocks: int, left_blocks: int,
+                  samples: list[tuple[float, int]]) -> tuple[float, float, float | None]:
+    """(percent done, rate in blocks/s, eta in s) from (time, blocks left) samples."""
+    pct = 100.0 if started_blocks == 0 else 100.0 * (started_blocks - left_blocks) / started_blocks
+    rate = 0.0
+    if len(samples) >= 2:
+        (t0, b0), (t1, b1) = samples[0], samples[-1]
+        if t1 > t0:
+            rate = max(0.0, (b0 - b1) / (t1 - t0))
+    eta = left_blocks / rate if rate > 0 else None
+    return max(0.0, min(100.0, pct)), rate, eta
+
+
+def with_disk(side: Side, disk: Disk) -> Side:
+    return replace(side, disk=disk)

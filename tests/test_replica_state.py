@@ -1,0 +1,137 @@
+"""The generation-UUID decision table and promotion rules, as pure functions (hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from rblock.replica.state import (
+    UUID_JUST_CREATED,
+    Conn,
+    Disk,
+    Generation,
+    Repl,
+    Role,
+    Side,
+    Sync,
+    check_promote,
+    decide,
+)
+
+# A small UUID space so that rules about equal UUIDs actually fire.
+uuids = st.sampled_from([0, UUID_JUST_CREATED, 0x10001, 0x20002, 0x30003, 0x40004])
+gens = st.builds(lambda c, b, h: Generation(c, b, tuple(dict.fromkeys(x for x in h if x))),
+                 uuids.filter(lambda u: u != 0), uuids,
+                 st.lists(uuids, max_size=2))
+disks = st.sampled_from([Disk.UPTODATE, Disk.OUTDATED, Disk.INCONSISTENT])
+roles = st.sampled_from([Role.PRIMARY, Role.SECONDARY])
+
+
+def sides(node: str):
+    return st.builds(Side, st.just(node), gens, disks, roles, st.booleans(),
+                     st.integers(0, 3))
+
+
+@given(a=sides("alpha"), b=sides("beta"))
+def test_both_nodes_reach_the_same_decision(a, b):
+    da, db = decide(a, b), decide(b, a)
+    assert da.sync.mirror == db.sync, (da, db)
+    assert da.rule == db.rule
+
+
+@given(a=sides("alpha"), b=sides("beta"))
+def test_a_sync_source_always_has_consistent_data(a, b):
+    d = decide(a, b).sync
+    if d in (Sync.BITMAP_SOURCE, Sync.FULL_SOURCE):
+        assert a.consistent
+    if d in (Sync.BITMAP_TARGET, Sync.FULL_TARGET):
+        assert b.consistent
+
+
+def side(node, gen, disk=Disk.UPTODATE, **kw):
+    return Side(node, gen, disk, **kw)
+
+
+def test_fresh_nodes_wait_for_force():
+    a = side("a", Generation(), Disk.INCONSISTENT)
+    b = side("b", Generation(), Disk.INCONSISTENT)
+    assert decide(a, b).sync is Sync.NO_DATA
+
+
+def test_forced_primary_fully_syncs_a_fresh_peer():
+    a = side("a", Generation(0x10001))
+    b = side("b", Generation(), Disk.INCONSISTENT)
+    assert decide(a, b).sync is Sync.FULL_SOURCE and decide(b, a).sync is Sync.FULL_TARGET
+
+
+def test_primary_that_went_on_alone_resyncs_its_bitmap():
+    start = Generation(0x10001)
+    primary = side("a", start.rotated(0x20002), role=Role.PRIMARY)  # lost its peer, wrote on
+    secondary = side("b", start)
+    d = decide(primary, secondary)
+    assert d.sync is Sync.BITMAP_SOURCE and d.rule == "bitmap-from-current"
+
+
+def test_both_wrote_after_parting_is_split_brain():
+    start = Generation(0x10001)
+    a = side("a", start.rotated(0x20002))
+    b = side("b", start.rotated(0x30003))
+    assert decide(a, b).sync is Sync.SPLIT_BRAIN and not Sync.SPLIT_BRAIN.connects
+
+
+def test_crashed_primary_is_the_source_for_its_activity_log():
+    g = Generation(0x10001)
+    a = side("a", g, crashed_primary=True, out_of_sync_blocks=5)
+    b = side("b", g)
+    assert decide(a, b).sync is Sync.BITMAP_SOURCE
+
+
+def test_promoted_survivor_resyncs_the_returning_crashed_primary():
+    g = Generation(0x10001)
+    survivor = side("b", g.rotated(0x20002), role=Role.PRIMARY)
+    old_primary = side("a", g, crashed_primary=True, out_of_sync_blocks=3)
+    assert decide(old_primary, survivor).sync is Sync.BITMAP_TARGET
+
+
+def test_sync_end_makes_uuids_equal():
+    g = Generation(0x10001)
+    src = g.rotated(0x20002)
+    tgt = g
+    assert tgt.synced_from(src).current == src.sync_source_done().current
+    assert src.sync_source_done().bitmap == 0
+
+
+def test_unrelated_data():
+    assert decide(side("a", Generation(0x10001)),
+                  side("b", Generation(0x20002))).sync is Sync.UNRELATED
+
+
+@given(gen=gens)
+def test_rotation_keeps_a_bitmap_generation(gen):
+    assume(not gen.fresh)
+    r = gen.rotated()
+    assert r.bitmap != 0 and r.current != gen.current
+    assert r.bitmap in (gen.current, gen.bitmap)
+
+
+def promote(**kw):
+    args = dict(role=Role.SECONDARY, disk=Disk.UPTODATE, gen=Generation(0x10001),
+                conn=Conn.CONNECTED, repl=Repl.ESTABLISHED, peer_role=Role.SECONDARY,
+                peer_disk=Disk.UPTODATE, peer_node="beta", force=False)
+    args.update(kw)
+    return check_promote(**args)
+
+
+def test_promotion_rules():
+    assert promote().ok
+    r = promote(peer_role=Role.PRIMARY)
+    assert not r.ok and "beta is Primary" in r.reason
+    r = promote(repl=Repl.SYNC_TARGET, disk=Disk.INCONSISTENT)
+    assert not r.ok and "older" in r.reason
+    r = promote(disk=Disk.INCONSISTENT, gen=Generation(), peer_disk=Disk.INCONSISTENT)
+    assert not r.ok and "--force" in r.reason
+    r = promote(disk=Disk.INCONSISTENT, gen=Generation(), peer_disk=Disk.INCONSISTENT,
+                force=True)
+    assert r.ok and r.forced_fresh
+    r = promote(disk=Disk.OUTDATED, conn=Conn.CONNECTING, peer_role=Role.UNKNOWN)
+    assert not r.ok and "Outdated" in r.reason
