@@ -112,3 +112,20 @@ def make_image(path: Path, size: int, random_data: bool = False) -> Path:
 def image(tmp_path):
     """A 64 MiB sparse image."""
     return make_image(tmp_path / "disk.img", 64 << 20)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Factory: cluster(**kw) -> tests.cluster.Cluster; every node stopped at teardown."""
+    from tests.cluster import Cluster
+
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop_all()

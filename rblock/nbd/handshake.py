@@ -135,6 +135,11 @@ class Handshake:
         assert self.state is State.TLS_HANDSHAKE
         self.tls_active = True
         self.state = State.OPTION_HEADER
+        # proto.md: options negotiated before STARTTLS are forgotten; the client renegotiates
+        # them over TLS.
+        self.structured_replies = False
+        self._base_allocation = False
+        self._meta_export = None
 
     def feed(self, data: bytes) -> tuple[bytes, Event | None]:
         """Consume DATA; return the reply bytes and the event that ends the option phase."""
@@ -241,7 +246,8 @@ class Handshake:
         except (ExportRefused, UnicodeDecodeError) as e:
             self._close(out, f"NBD_OPT_EXPORT_NAME refused: {e}")
             return
-        out.data.append(p.export_name_reply(export.size_bytes, export.tflags, self.no_zeroes))
+        out.data.append(p.export_name_reply(export.size_bytes, self._tflags(export),
+                                            self.no_zeroes))
         self._negotiated(export, out)
 
     def _opt_info_or_go(self, data: bytes, out: _Out) -> None:
@@ -256,7 +262,7 @@ class Handshake:
             self._error(out, e.reply_type, str(e))
             return
         opt = self._option
-        reply = [p.info_export(export.size_bytes, export.tflags)]
+        reply = [p.info_export(export.size_bytes, self._tflags(export))]
         if p.INFO_NAME in req.infos:
             reply.append(p.info_name(export.name))
         if p.INFO_DESCRIPTION in req.infos and export.description:
@@ -288,7 +294,11 @@ class Handshake:
         queries = req.queries
         if opt == p.OPT_LIST_META_CONTEXT and not queries:
             queries = ("base:",)  # an empty list asks for every context the server has
-        selected = any(q in ("base:", p.META_BASE_ALLOCATION) for q in queries)
+        # A bare namespace ("base:") lists every context in it, but selects none: SET takes
+        # full context names only.
+        names = (("base:", p.META_BASE_ALLOCATION) if opt == p.OPT_LIST_META_CONTEXT
+                 else (p.META_BASE_ALLOCATION,))
+        selected = any(q in names for q in queries)
         if selected:
             ctx_id = BASE_ALLOCATION_CONTEXT_ID if opt == p.OPT_SET_META_CONTEXT else 0
             out.data.append(p.option_reply(
@@ -299,6 +309,12 @@ class Handshake:
         out.data.append(p.option_reply(opt, p.REP_ACK))
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _tflags(self, export: ExportInfo) -> int:
+        # proto.md: SEND_DF MUST NOT be set unless structured replies were negotiated.
+        if self.structured_replies:
+            return export.tflags
+        return export.tflags & ~p.TFLAG_SEND_DF
 
     def _negotiated(self, export: ExportInfo, out: _Out) -> None:
         self.state = State.DONE

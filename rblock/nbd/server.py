@@ -55,6 +55,7 @@ SPARSE_READ_MIN_BYTES = 64 * 1024  # smaller READs skip hole detection (two lsee
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 30.0  # a client idle in the option phase longer than this is dropped
 DRAIN_TIMEOUT_S = 30.0  # how long shutdown waits for in-flight requests
+CLOSE_GRACE_S = 2.0  # a closing connection whose client does not read replies is then cut
 
 
 @dataclass
@@ -190,6 +191,8 @@ class Connection(asyncio.BufferedProtocol):
             HANDSHAKE_TIMEOUT_S, self.abort, "handshake timed out")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.done():
+            return
         self.server.connections.discard(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
@@ -244,8 +247,11 @@ class Connection(asyncio.BufferedProtocol):
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError, ssl.SSLError) as e:
             self._close_reason = f"TLS handshake failed: {e}"
-            if self.transport is not None:
-                self.transport.abort()
+            transport, self.transport = self.transport, None
+            if transport is not None:
+                transport.abort()
+            # The failed TLS layer owns the socket now and will not report its loss to us.
+            self.connection_lost(None)
             return
         assert self.handshake is not None
         self.handshake.tls_established()
@@ -440,18 +446,26 @@ class Connection(asyncio.BufferedProtocol):
         self._maybe_finish_disconnect()
 
     def _maybe_finish_disconnect(self) -> None:
-        if self._inflight == 0 and self.transport is not None:
-            self.transport.close()
+        if self._inflight == 0:
+            self._close_transport()
 
     def _close(self, reason: str) -> None:
         self._close_reason = reason
         if reason and not reason.startswith(("client sent", "server shutting")):
             log.warning("conn %d %s: closing: %s", self.id, self.peer, reason)
         self._disconnecting = True
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close after the queued replies are sent; a client that never reads them is cut
+        off after CLOSE_GRACE_S instead of holding the server."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort, self._close_reason)
 
     def abort(self, reason: str) -> None:
-        self._close_reason = reason
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is None:
+            return
+        self._close_reason = self._close_reason or reason
+        self.transport.abort()

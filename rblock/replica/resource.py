@@ -53,7 +53,7 @@ from rblock.replica.state import (
 from rblock.replica.wire import Frame, T
 from rblock.replica.writes import ApplyQueue, WriteTracker
 from rblock.store.device import BlockDevice, Capabilities, DeviceError
-from rblock.store.metadata import BLOCK_BYTES, Metadata
+from rblock.store.metadata import BLOCK_BYTES, ActivityLogFull, Metadata
 from rblock.store.volume import FileVolume
 
 log = logging.getLogger("rblock.resource")
@@ -226,10 +226,14 @@ class Resource(BlockDevice):
             await self._settled.wait()  # a connect handshake decides where this write goes
         token = self._new_id()
         self._writes_inflight[token] = (offset, offset + length)
+        extents = self.meta.al_extents_for(offset, length)
+        # Pinned: no other write's activation may evict these extents while this write, or
+        # the bitmap bit it may set, is not settled.
+        self.meta.al_pin(extents)
         try:
             if self._rs_reads:
                 await self._wait_for_rs_reads(offset, offset + length)
-            await self._al_guard(offset, length)
+            await self._al_guard(extents)
             link = self._replicating_link()
             if link is None:
                 self.meta.bitmap.set_range(offset, length)  # the peer misses this write
@@ -249,6 +253,7 @@ class Resource(BlockDevice):
             if waiter is not None:
                 await waiter
         finally:
+            self.meta.al_unpin(extents)
             del self._writes_inflight[token]
             self.tracker.close_epoch()
 
@@ -260,16 +265,18 @@ class Resource(BlockDevice):
             return None
         return link
 
-    async def _al_guard(self, offset: int, length: int) -> None:
-        extents = self.meta.al_extents_for(offset, length)
+    async def _al_guard(self, extents: list[int]) -> None:
+        """Make the write's extents hot in the activity log (on disk) before it starts."""
         if not self.meta.al_missing(extents):
             self.meta.al_touch(extents)
             return
-        async with self._al_lock:  # one activity-log update at a time, shared by waiters
-            missing = self.meta.al_missing(extents)
-            if missing:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.meta.al_activate, missing)
+        async with self._al_lock:  # one activity-log update at a time
+            while self.meta.al_missing(extents):
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.meta.al_activate, extents)
+                except ActivityLogFull:
+                    await asyncio.sleep(0.01)  # every other extent is pinned by a write
 
     async def _remote_read(self, offset: int, length: int) -> bytes:
         link = self.link

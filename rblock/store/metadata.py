@@ -30,9 +30,13 @@ AL queries; blocking methods (`write_superblock`, `flush_bitmap`, `al_activate`)
 worker thread. Page write-back marks pages clean *before* copying them, so a bit set during a
 flush re-dirties its page and goes out with the next flush. All metadata I/O is serialized by
 one lock; the AL's in-memory state has its own short lock so loop-side queries never wait
-for a disk. Eviction never picks an extent the caller says is in use (`in_use`): a writer
-must count its extents as in use *before* asking `al_missing`, then an extent it saw as
-active cannot be evicted under it.
+for a disk.
+
+Eviction never picks a pinned extent. A write pins its extents (`al_pin`) *before* asking
+`al_missing` and unpins them once it is complete and any bitmap bit it needs is set: an
+extent it saw as active then cannot be evicted under it, however long the peer takes. (The
+victims are chosen and dropped from the AL in one step under the AL lock, so a writer either
+pinned in time or finds its extent missing and activates it again.)
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import crc32c
@@ -597,7 +601,11 @@ class Metadata:
         assert self.bitmap.nbits == nbits and self.bitmap.block_bytes == sb.block_bytes
         self._blocks_per_extent = AL_EXTENT_BYTES // sb.block_bytes
         self._al: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._al_pins: dict[int, int] = {}  # extent -> writes in flight in it
         self._al_lost = False  # both AL slots unreadable: any block may differ after a crash
+        # Loaded after a crash and recover_crash not yet run: the AL must not change until
+        # it has been turned into bitmap bits.
+        self._crash_pending = not sb.clean_shutdown
         self._al_lock = threading.Lock()  # in-memory AL state; held only for microseconds
         self._io_lock = threading.RLock()  # one metadata write at a time, in seq order
 
@@ -754,19 +762,44 @@ class Metadata:
                 assert e in self._al, f"extent {e} is not in the activity log"
                 self._al.move_to_end(e)
 
+    def al_pin(self, extents: Iterable[int]) -> None:
+        """Count a write in flight in EXTENTS (active or not yet): they are not evicted until
+        `al_unpin`. Pin before `al_missing`. No I/O."""
+        with self._al_lock:
+            for e in extents:
+                self._al_pins[e] = self._al_pins.get(e, 0) + 1
+
+    def al_unpin(self, extents: Iterable[int]) -> None:
+        """The write pinned with the same EXTENTS is complete (its bitmap bit, if any, set)."""
+        with self._al_lock:
+            for e in extents:
+                n = self._al_pins.get(e, 0)
+                assert n > 0, f"extent {e} unpinned more often than pinned"
+                if n == 1:
+                    del self._al_pins[e]
+                else:
+                    self._al_pins[e] = n - 1
+
+    def al_pinned(self) -> dict[int, int]:
+        with self._al_lock:
+            return dict(self._al_pins)
+
     def al_active(self) -> list[int]:
         """Active extents, least recently used first."""
         with self._al_lock:
             return list(self._al)
 
-    def al_activate(self, extents: Iterable[int], in_use: Container[int] = ()) -> None:
+    def al_activate(self, extents: Iterable[int]) -> None:
         """Make EXTENTS active (and most recently used), durably, evicting the least
-        recently used extents not IN_USE when the AL is full. Blocking: an eviction flushes
-        the evicted extents' bitmap pages, then the AL slot is written and fdatasync'ed."""
+        recently used unpinned extents when the AL is full. Blocking: an eviction flushes
+        the evicted extents' bitmap pages, then the AL slot is written and fdatasync'ed.
+        Raises ActivityLogFull if every other extent is pinned."""
         extents = list(dict.fromkeys(extents))
         assert len(extents) <= self.al_extents_max, \
             f"{len(extents)} extents at once, the activity log holds {self.al_extents_max}"
         assert all(0 <= e < self.al_extents_total for e in extents), extents
+        assert not self._crash_pending, \
+            "recover_crash() first: evicting now would drop what the crash left out of sync"
         with self._io_lock:
             with self._al_lock:
                 missing = [e for e in extents if e not in self._al]
@@ -780,11 +813,12 @@ class Metadata:
                 excess = max(len(self._al) + len(missing) - self.al_extents_max, 0)
                 wanted = set(extents)
                 evicted = list(itertools.islice(
-                    (e for e in self._al if e not in in_use and e not in wanted), excess))
+                    (e for e in self._al if e not in self._al_pins and e not in wanted),
+                    excess))
                 if len(evicted) < excess:
                     raise ActivityLogFull(
                         f"metadata {self.path}: all {len(self._al)} activity log extents "
-                        "are in use: wait for writes to complete and retry")
+                        "are pinned by writes in flight: wait for some to complete, retry")
                 for e in evicted:
                     del self._al[e]
                 on_disk = list(self._al) + missing
@@ -809,15 +843,14 @@ class Metadata:
                         AL_OFFSET + (seq % 2) * AL_SLOT_BYTES)
             os.fdatasync(self.fd)
             self.al_seq = seq
-            self._al_lost = False
 
     # --- crashes and clean shutdowns ------------------------------------------------------
 
     def recover_crash(self) -> int:
         """After a crash, every block of every AL extent may differ from the peer (a write
         may have reached one disk and not the other): mark them, flush. Returns blocks
-        newly marked; 0 after a clean shutdown. Blocking."""
-        if self.sb.clean_shutdown:
+        newly marked; 0 if the metadata was opened after a clean shutdown. Blocking."""
+        if not self._crash_pending:
             return 0
         if self._al_lost:
             newly = self.bitmap.set_blocks(0, self.bitmap.nbits)
@@ -829,8 +862,9 @@ class Metadata:
                     first, min(self._blocks_per_extent, self.bitmap.nbits - first))
         self.flush_bitmap()
         log.warning("metadata %s: not shut down cleanly; %d blocks of %d active extents "
-                    "marked out of sync", self.path, newly,
+                    "newly marked out of sync", self.path, newly,
                     len(self._al) if not self._al_lost else self.al_extents_total)
+        self._crash_pending = self._al_lost = False
         return newly
 
     def mark_open(self) -> Superblock:
