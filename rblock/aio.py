@@ -46,3 +46,33 @@ def _step(coro: Coroutine[Any, Any, Any], done: Done, _resumed_by: object) -> No
     else:
         coro.close()
         done(None, RuntimeError(f"coroutine yielded {yielded!r}, not an asyncio future"))
+
+
+class SendCoalescer:
+    """Gathers what a protocol sends during one pass of the event loop and hands it to the
+    transport in one `writelines` when the pass ends: one syscall for many replies or frames.
+    Measured with py-spy on a replicated 4 KiB write workload: per-frame writelines calls
+    were half of the primary's and a third of the secondary's GIL time.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport):
+        self.transport = transport
+        self._pending: list[bytes | memoryview] = []
+        self._scheduled = False
+
+    def write(self, bufs: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> None:
+        self._pending.extend(bufs)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        bufs, self._pending = self._pending, []
+        if not self.transport.is_closing():
+            self.transport.writelines(bufs)  # type: ignore[attr-defined]
+
+    def discard(self) -> None:
+        self._pending.clear()

@@ -47,6 +47,13 @@ class EventBus:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self._subscribers.discard(q)
 
+    def close(self) -> None:
+        """End every subscriber's stream (the node is stopping)."""
+        for q in self._subscribers:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
+
 
 def node_status(node: Node) -> dict:
     return {"node": node.name,
@@ -129,11 +136,12 @@ async def _events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     q = node.events.subscribe()
     try:
-        while True:
-            ev = await q.get()
+        while (ev := await q.get()) is not None:
             await resp.write(json.dumps(ev).encode() + b"\n")
     finally:
         node.events.unsubscribe(q)
+    await resp.write_eof()
+    return resp
 
 
 class ControlError(Exception):

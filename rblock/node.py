@@ -17,6 +17,7 @@ import signal
 
 from rblock.config import ClusterConfig, NodeConfig
 from rblock.control import EventBus, start_control
+from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
 from rblock.replica.link import PeerLink
@@ -124,10 +125,11 @@ class Node:
             peer = self.cfg.node(r.peer_node)
             raise ExportRefused(
                 f"resource {export} is Secondary on {self.name}; its primary is {r.peer_node} "
-                f"(nbd://{format_hostport(peer.nbd.host, peer.nbd.port)}/{export})")
+                f"(nbd://{format_hostport(peer.nbd.host, peer.nbd.port)}/{export})",
+                p.REP_ERR_POLICY)
         raise ExportRefused(f"resource {export} is Secondary on {self.name} and no connected "
                             f"node is Primary; run 'rblock primary {export}' on the node that "
-                            f"should serve it")
+                            f"should serve it", p.REP_ERR_POLICY)
 
     def nbd_uri(self, export: str) -> str:
         return f"nbd://{format_hostport(self.me.nbd.host, self.me.nbd.port)}/{export}"
@@ -173,9 +175,9 @@ class Node:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
                 continue
-            reason = await link.closed
-            if link.phase.value == "closed" and "refused" not in reason:
-                backoff_s = DIAL_BACKOFF_FIRST_S
+            await link.closed
+            if link.was_up:
+                backoff_s = DIAL_BACKOFF_FIRST_S  # a working link broke: retry quickly
             if not self._stopping:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
@@ -221,6 +223,7 @@ class Node:
             repl_server.close()
             for t in self._tasks:
                 t.cancel()
+            self.events.close()
             await control.cleanup()
         finally:
             for r in self.resources.values():

@@ -132,7 +132,8 @@ class Cluster:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise AssertionError(f"{node} did not stop within {STOP_TIMEOUT_S}s of signal {sig}")
+            raise AssertionError(f"{node} did not stop within {STOP_TIMEOUT_S}s of signal "
+                                 f"{sig}") from None
 
     def stop(self, node: str) -> int:
         return self.kill(node, signal.SIGTERM)

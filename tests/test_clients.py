@@ -6,14 +6,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import REPO, make_image
-from nbdwire import file_bytes, wait_for_log
+
+from tests.conftest import REPO, make_image
+from tests.nbdwire import CMD_READ, Raw, file_bytes
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -313,8 +315,6 @@ def test_sigterm_during_active_nbdcopy_exits_0(rblock_serve, tmp_path):
 
 def test_sigterm_with_idle_and_handshaking_clients_exits_0(rblock_serve, tmp_path):
     nbd = pytest.importorskip("nbd")
-    import socket
-
     img = make_image(tmp_path / "d.img", 4 * MiB)
     srv = rblock_serve(img, "--export", "d")
     h = nbd.NBD()
@@ -327,7 +327,31 @@ def test_sigterm_with_idle_and_handshaking_clients_exits_0(rblock_serve, tmp_pat
         assert time.monotonic() - t0 < 10
     finally:
         s.close()
-    wait_for_log(srv.log, "stopped cleanly")
+    assert "stopped cleanly" in srv.log()
+
+
+def test_sigterm_with_client_not_reading_replies_exits_promptly(rblock_serve, tmp_path):
+    """A client pipelines big READs and never reads the replies. Once the request being
+    served is answered nothing is in flight; SIGTERM must not wait for that client to drain
+    its socket (the server's 30 s drain timeout is for in-flight requests)."""
+    img = make_image(tmp_path / "d.img", 64 * MiB, random_data=True)
+    srv = rblock_serve(img, "--export", "d")
+    with Raw(srv.uri) as r:
+        r.start()
+        r.go("d")
+        for handle in range(8):
+            r.request(CMD_READ, 0, 32 * MiB, handle=handle)
+        time.sleep(1)  # the server fills its send buffer and stops reading
+        t0 = time.monotonic()
+        os.kill(srv.pid, signal.SIGTERM)
+        try:
+            rc = srv.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.stop(signal.SIGKILL)
+            rc = None
+        took = time.monotonic() - t0
+    assert rc == 0, (f"exit status {rc} {took:.1f} s after SIGTERM (None: still running after "
+                     f"10 s)\n{srv.log()}")
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import os
 import struct
 
 import pytest
-from conftest import make_image
-from nbdwire import (
+
+from tests.conftest import make_image
+from tests.nbdwire import (
     CMD_READ,
     CMD_WRITE,
     INFO_BLOCK_SIZE,
@@ -411,7 +412,8 @@ def test_pipelined_mixed_size_requests_all_complete_correctly(rblock_serve, tmp_
     assert len(completed) == 64
     assert errors == []
     assert max_in_flight > 1
-    # At least one reply came back while others were still outstanding on the connection.
+    # The first replies arrived while other requests were still outstanding (issued and not
+    # yet answered): the server accepted pipelined requests rather than one at a time.
     assert in_flight_at_first_reply is not None and in_flight_at_first_reply > 1
     for i, (ro, rd) in enumerate(read_ops):
         assert bufs[i].to_bytearray() == rd, f"read {i} of {len(rd)} bytes at {ro}"
@@ -430,12 +432,11 @@ def test_big_then_small_read_both_correct(served):
     order = []
     big = nbd.Buffer(16 * MiB)
     small = nbd.Buffer(512)
-    c1 = h.aio_pread(big, 0, lambda err: order.append("big") or 1)
-    c2 = h.aio_pread(small, MiB, lambda err: order.append("small") or 1)
+    h.aio_pread(big, 0, lambda err: order.append("big") or 1)
+    h.aio_pread(small, MiB, lambda err: order.append("small") or 1)
     while len(order) < 2:
         h.poll(-1)
     assert sorted(order) == ["big", "small"], order
-    assert c1 != c2
     got = big.to_bytearray()
     assert got[MiB:2 * MiB] == data and got[:MiB] == bytes(MiB), order
     assert small.to_bytearray() == data[:512], order
@@ -562,18 +563,12 @@ def test_block_status_with_and_without_req_one(served):
 # --- protocol MUSTs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["go", "export_name", "libnbd"])
+@pytest.mark.parametrize("how", ["go", "export_name"])
 def test_send_df_flag_clear_without_structured_replies(served, how):
     """proto.md, NBD_FLAG_SEND_DF: the server 'MUST leave this flag clear if structured replies
     have not been negotiated'."""
     srv, _, _ = served
     send_df = 1 << 7
-    if how == "libnbd":
-        h = connect(srv.uri, meta=False, structured=False)
-        assert not h.get_structured_replies_negotiated()
-        assert not h.can_df(), "SEND_DF advertised to a client without structured replies"
-        h.shutdown()
-        return
     with Raw(srv.uri) as r:
         r.start()
         if how == "go":

@@ -16,7 +16,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import REPO, make_image
+
+from tests.conftest import REPO, make_image
 
 # tools/ is not an installed package; `python -m pytest` from the repo root finds it through the
 # working directory, a bare `pytest` or another cwd does not.

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rblock.aio import run_eager
+from rblock.aio import SendCoalescer, run_eager
 from rblock.arena import Arena
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import (
@@ -168,7 +168,7 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         self._reading = True
         self._paused_reasons: set[str] = set()
-        self._batch: list[bytes] | None = None  # replies gathered while processing a batch
+        self._out: SendCoalescer | None = None  # replies leave once per loop pass
         self._processing = False  # _process is on the stack (completions can run inside it)
         self._disconnecting = False  # DISC received or server shutting down
         self._close_reason = ""
@@ -179,6 +179,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._out = SendCoalescer(transport)
         self.server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
@@ -253,6 +254,7 @@ class Connection(asyncio.BufferedProtocol):
             # The failed TLS layer owns the socket now and will not report its loss to us.
             self.connection_lost(None)
             return
+        self._out = SendCoalescer(self.transport)  # replies now go through the TLS layer
         assert self.handshake is not None
         self.handshake.tls_established()
 
@@ -282,7 +284,6 @@ class Connection(asyncio.BufferedProtocol):
     def _process(self) -> None:
         """Start every complete request in the arena, within the in-flight bounds."""
         arena = self._arena
-        self._batch = []
         self._processing = True
         message_bytes = 0
         try:
@@ -306,9 +307,6 @@ class Connection(asyncio.BufferedProtocol):
                 message_bytes = 0
         finally:
             self._processing = False
-            batch, self._batch = self._batch, None
-            if batch and self.transport is not None:
-                self.transport.writelines(batch)
         arena.reserve(message_bytes)
 
     def _begin(self, req: p.Request, payload: memoryview) -> None:
@@ -412,10 +410,8 @@ class Connection(asyncio.BufferedProtocol):
             self._resume("in-flight limit")
 
     def _send(self, *bufs: bytes) -> None:
-        if self._batch is not None:
-            self._batch.extend(bufs)
-        elif self.transport is not None:
-            self.transport.writelines(bufs)
+        if self.transport is not None and self._out is not None:
+            self._out.write(bufs)
 
     # --- flow control and closing -------------------------------------------------------------
 
@@ -461,6 +457,8 @@ class Connection(asyncio.BufferedProtocol):
         off after CLOSE_GRACE_S instead of holding the server."""
         if self.transport is None or self.transport.is_closing():
             return
+        if self._out is not None:
+            self._out.flush()
         self.transport.close()
         asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort, self._close_reason)
 

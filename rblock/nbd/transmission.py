@@ -106,6 +106,8 @@ def check_request(req: p.Request, s: Session) -> None:
 
 def nbd_errno(exc: BaseException) -> int:
     err = getattr(exc, "errno", None)
+    if err in (errno.EFBIG, errno.EDQUOT):
+        return p.ENOSPC  # proto.md: out-of-space conditions are reported as ENOSPC
     return err if err in NBD_ERRNOS else p.EIO
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from rblock.aio import SendCoalescer
 from rblock.arena import Arena
 from rblock.replica import wire
 from rblock.replica.wire import Frame, LinkError, T
@@ -84,6 +85,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.peer_node = expect_node
         self.phase = Phase.HELLO
         self.transport: asyncio.Transport | None = None
+        self._out: SendCoalescer | None = None
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self._arena = Arena()
@@ -91,6 +93,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._peer_challenge = b""
         self._peer_verified = False
         self._we_verified = False
+        self.was_up = False  # reached UP at least once (the dialer's backoff resets then)
         self._last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._reading = True
@@ -101,6 +104,7 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._out = SendCoalescer(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -221,6 +225,7 @@ class PeerLink(asyncio.BufferedProtocol):
         if not (self._peer_verified and self._we_verified):
             return
         self.phase = Phase.UP
+        self.was_up = True
         if self._timer is not None:
             self._timer.cancel()
         self._schedule_ping()
@@ -251,8 +256,11 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         silent_s = time.monotonic() - self._last_rx
         if silent_s > self.peer_timeout_s:
-            self.close(f"peer silent for {silent_s:.1f}s (timeout {self.peer_timeout_s}s)",
-                       log_level=logging.WARNING)
+            # abort, not close: close() waits for the send buffer to drain, which a dead
+            # link never does, and writes waiting for acks would hang with it.
+            reason = f"peer silent for {silent_s:.1f}s (timeout {self.peer_timeout_s}s)"
+            log.warning("link %s with %s: %s", self.resource, self.peer_node, reason)
+            self.abort(reason)
             return
         self.send([Frame(T.PING)])
         self._schedule_ping()
@@ -267,7 +275,8 @@ class PeerLink(asyncio.BufferedProtocol):
         for b in bufs:
             out.extend(wire.encode(b) if isinstance(b, Frame) else [b])
         self.sent_bytes += sum(len(b) for b in out)
-        self.transport.writelines(out)
+        assert self._out is not None
+        self._out.write(out)
         return True
 
     def pause(self) -> None:
@@ -295,6 +304,8 @@ class PeerLink(asyncio.BufferedProtocol):
             log.log(log_level, "link %s with %s closing: %s", self.resource or "?",
                     self.peer_node or "?", reason)
         if self.transport is not None:
+            if self._out is not None:
+                self._out.flush()  # frames queued in this pass (a REFUSE, a DISCONNECT)
             self.transport.close()
 
     def abort(self, reason: str) -> None:

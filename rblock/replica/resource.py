@@ -61,6 +61,8 @@ log = logging.getLogger("rblock.resource")
 BITMAP_CHUNK_BYTES = 64 * 1024  # bitmap bytes per BITMAP frame
 BITMAP_FLUSH_INTERVAL_S = 1.0  # a resync target persists its progress this often
 SYNC_RATE_WINDOW_S = 5.0  # sync rate is measured over this much recent history
+PROGRESS_SAMPLE_S = 0.1
+PROGRESS_SAMPLES_MAX = 100
 REMOTE_READ_TIMEOUT_S = 30.0
 
 
@@ -135,6 +137,7 @@ class Resource(BlockDevice):
         self._rate = RateLimiter(cfg.resync_rate_bytes_per_s)
         self._last_bitmap_flush_s = 0.0
         self._persist_lock = asyncio.Lock()
+        self._closing = False
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class Resource(BlockDevice):
         peer, persist bitmap and superblock."""
         if self._sweep_task is not None:
             self._sweep_task.cancel()
+        self._closing = True  # a clean stop: losing the link now starts no new generation
         if self.role is Role.PRIMARY:
             await self.volume.flush()
         if self.link is not None:
@@ -232,7 +236,9 @@ class Resource(BlockDevice):
         self.meta.al_pin(extents)
         try:
             if self._rs_reads:
-                await self._wait_for_rs_reads(offset, offset + length)
+                # Only resync reads registered before this write: later ones wait for it.
+                for ev in self._rs_reads_overlapping(offset, offset + length):
+                    await ev.wait()
             await self._al_guard(extents)
             link = self._replicating_link()
             if link is None:
@@ -293,12 +299,8 @@ class Resource(BlockDevice):
 
     # --- range locking between guest writes and resync reads on the source -------------------
 
-    async def _wait_for_rs_reads(self, start: int, end: int) -> None:
-        while True:
-            ev = next((e for s, t, e in self._rs_reads.values() if s < end and start < t), None)
-            if ev is None:
-                return
-            await ev.wait()
+    def _rs_reads_overlapping(self, start: int, end: int) -> list[asyncio.Event]:
+        return [e for s, t, e in self._rs_reads.values() if s < end and start < t]
 
     async def _rs_read_locked(self, offset: int, length: int) -> tuple[bytes, Callable]:
         """Read for a resync answer once every guest write in flight to the range is done;
@@ -384,7 +386,7 @@ class Resource(BlockDevice):
             self._set("connection", Conn.CONNECTING)
         log.warning("%s: lost %s: %s; %d unacknowledged writes marked out of sync", self.name,
                     link.peer_node, reason, len(lost))
-        if self.role is Role.PRIMARY and was_replicating:
+        if self.role is Role.PRIMARY and was_replicating and not self._closing:
             # The peer stops following: start a new generation, tracked by the bitmap.
             self.gen = self.gen.rotated()
             asyncio.get_running_loop().create_task(self._persist())
@@ -399,9 +401,12 @@ class Resource(BlockDevice):
     # --- connect handshake: STATE, BITMAP, decision ------------------------------------------
 
     def _on_state(self, link: PeerLink, f: Frame) -> None:
-        side = Side.from_json(f.json())
-        if self._peer_state is not None:  # a later update: role or disk changed
+        body = f.json()
+        side = Side.from_json(body)
+        if self._peer_state is not None:  # a later update: role or disk changed, verify ended
             self._peer_state = side
+            if self.repl is Repl.VERIFY_TARGET and not body.get("verify"):
+                self._set("replication", Repl.ESTABLISHED)
             self._set("peer-role", side.role)
             self._set("peer-disk", side.disk)
             self.peer_gen = side.gen
@@ -540,10 +545,16 @@ class Resource(BlockDevice):
             log.info("%s: verify done: %d blocks differ (marked out of sync; disconnect and "
                      "connect to resync them)", self.name, self._verify_found)
             self._set("replication", Repl.ESTABLISHED)
+            if link is not None and link.up:  # a STATE without "verify" ends it on the target
+                link.send(wire.encode_json(T.STATE, self._local_side().to_json()))
             await self._flush_bitmap()
             return
-        if self.meta.bitmap.count() or link is None or not link.up:
+        if link is None or not link.up:
             return  # interrupted; the next connection resumes from the bitmap
+        if self.meta.bitmap.count():
+            # Blocks behind the sweep were marked again (a failed apply): another pass.
+            self._start_sweep("resync", SweepPlanner(self._nblocks, self.meta.bitmap.next_run))
+            return
         assert self.peer_gen is not None
         self.gen = self.gen.synced_from(self.peer_gen)
         self.crashed_primary = False
@@ -557,11 +568,18 @@ class Resource(BlockDevice):
 
     def _maybe_flush_bitmap(self) -> None:
         now = time.monotonic()
+        self._sample_progress()
         if now - self._last_bitmap_flush_s >= BITMAP_FLUSH_INTERVAL_S:
             self._last_bitmap_flush_s = now
-            self.counters.history.append((now, self.meta.bitmap.count()))
-            del self.counters.history[:-64]
             asyncio.get_running_loop().create_task(self._flush_bitmap())
+
+    def _sample_progress(self) -> None:
+        """Remember (time, blocks left) now and then: status derives rate and ETA from it."""
+        now = time.monotonic()
+        h = self.counters.history
+        if not h or now - h[-1][0] >= PROGRESS_SAMPLE_S:
+            h.append((now, self.meta.bitmap.count()))
+            del h[:-PROGRESS_SAMPLES_MAX]
 
     async def _flush_bitmap(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.meta.flush_bitmap)
@@ -580,6 +598,7 @@ class Resource(BlockDevice):
                 link.send([Frame(T.RS_DATA, 0, f.id, f.offset, 0, data)])
                 self.counters.resync_sent_bytes += len(data)
             self.meta.bitmap.clear_range(f.offset, f.aux)
+            self._sample_progress()
         finally:
             release()
 
@@ -707,6 +726,11 @@ class Resource(BlockDevice):
 
     def _queue_apply(self, epoch: int, offset: int, length: int, job: Callable,
                      barrier: bool = False, ack_seq: int = 0) -> None:
+        if offset + length > self.size_bytes:
+            if self.link is not None:  # the peer broke the protocol: nothing of it is applied
+                self.link.refuse(f"peer wrote {length} bytes at {offset}, past the end of "
+                                 f"{self.name} ({self.size_bytes} bytes)")
+            return
         epoch = max(self._epoch_base + epoch, self._epoch_seen)
         self._epoch_seen = epoch
         entry = self.applyq.add(epoch, offset, length, barrier)
@@ -826,10 +850,11 @@ class Resource(BlockDevice):
             self.gen = self.gen.rotated()
             self.gen = Generation(self.gen.current)  # nothing to track: all of it is new
             self._set_disk(Disk.UPTODATE, persist=False)
-        elif not connected:
-            self.gen = self.gen.rotated()  # data starts to differ from the absent peer's
-        elif self.disk is Disk.OUTDATED:
-            self._set_disk(Disk.UPTODATE, persist=False)
+        else:
+            if self.disk is Disk.OUTDATED:  # forced: the operator takes this data as good
+                self._set_disk(Disk.UPTODATE, persist=False)
+            if not connected:
+                self.gen = self.gen.rotated()  # data starts to differ from the absent peer's
         self._set("role", Role.PRIMARY)
         await self._persist(role_primary=True)
         if self.link is not None and self.link.up:

@@ -58,8 +58,10 @@ class SweepPlanner:
             return None
         run = self._next_run(self.cursor, self.run_blocks_max) if self.cursor < self.nblocks \
             else None
-        if run is None and not self._wrapped:
-            self._wrapped = True  # bits behind the cursor (a retried range): one more pass
+        if run is None and not self._wrapped and not self.inflight:
+            # Bits behind the cursor (a retried range): one more pass, once the requests in
+            # flight are answered; until then their bits are still set.
+            self._wrapped = True
             self.cursor = 0
             run = self._next_run(0, self.run_blocks_max)
         if run is None:
