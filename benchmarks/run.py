@@ -76,7 +76,16 @@ JOBS = (
     Job("write-1m-qd8", "write", "1M", 8, "write"),
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}
-SERVERS = ("rblock", "qemu-nbd", "nbdkit")
+# rblock-c / rblock-a: a two-node replicated resource (protocol C / A) on loopback, measured
+# through the primary's NBD export; compared with "rblock" (rblock serve, no replication).
+SERVERS = ("rblock", "qemu-nbd", "nbdkit", "rblock-c", "rblock-a")
+REPLICATED = {"rblock-c": "C", "rblock-a": "A"}
+REPLICATED_BASELINE = "rblock"
+REPLICATED_TARGET_RATIO = 0.5
+REPLICATED_TARGET_JOBS = ("randwrite-4k-qd16", "write-1m-qd8")
+QD1_LATENCY_JOB = "randwrite-4k-qd1"
+QD1_LATENCY_MARGIN_US = 100.0
+CLUSTER_READY_TIMEOUT_S = 120.0
 JOB_NAME_WIDTH = max(len(job.name) for job in JOBS)
 
 
@@ -105,6 +114,8 @@ class Summary:
     clat_p50_ns: float
     clat_p99_ns: float
     ratio_to_baseline: float | None
+    ratio_to_serve: float | None = None  # replicated servers: IOPS / rblock serve's
+    serve_p50_ns: float | None = None
 
 
 @dataclass
@@ -312,9 +323,93 @@ def stop_server(server: RunningServer) -> None:
         process.wait()
 
 
+def cluster_config(directory: Path, protocol: str, size_bytes: int) -> Path:
+    ports = [free_port() for _ in range(6)]
+    text = (f'[resource.{EXPORT_NAME}]\nsize = {size_bytes}\nprotocol = "{protocol}"\n'
+            f'secret = "bench"\nresync_rate = "4G"\n')
+    for i, node in enumerate(("alpha", "beta")):
+        rp, cp, np_ = ports[3 * i:3 * i + 3]
+        text += (f'[node.{node}]\nreplication = "{HOST}:{rp}"\ncontrol = "{HOST}:{cp}"\n'
+                 f'nbd = "{HOST}:{np_}"\n[node.{node}.disk]\n{EXPORT_NAME} = "{node}.img"\n')
+    path = directory / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+def rblock_cli(config: Path, node: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "rblock", args[0], "--config", str(config),
+                           "--node", node, *args[1:]], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=SERVER_READY_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"rblock {' '.join(args)} on {node} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def cluster_status(config: Path, node: str) -> dict:
+    return json.loads(rblock_cli(config, node, "status", "--json"))["resources"][0]
+
+
+@contextlib.contextmanager
+def serving_replicated(server: str, directory: Path, log_path: Path,
+                       size_bytes: int) -> Iterator[RunningServer]:
+    """A two-node cluster in DIRECTORY (created fresh if empty): both nodes up, alpha
+    Primary, resync done; the primary's export is what fio measures."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "cluster.toml"
+    fresh = not config.exists()
+    if fresh:
+        config = cluster_config(directory, REPLICATED[server], size_bytes)
+        for node in ("alpha", "beta"):
+            rblock_cli(config, node, "create-md")
+    procs = []
+    with open(log_path, "ab") as log:
+        for node in ("alpha", "beta"):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "rblock", "up", "--config", str(config), "--node", node],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                start_new_session=True))
+    port = int(config.read_text().split(f'nbd = "{HOST}:')[1].split('"')[0])
+    running = RunningServer(server, procs[0], log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}")
+    peer = RunningServer(server, procs[1], log_path, "")
+    try:
+        deadline = time.monotonic() + CLUSTER_READY_TIMEOUT_S
+        promoted = False
+        while True:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{server}: cluster not in sync after "
+                                 f"{CLUSTER_READY_TIMEOUT_S} s\n    {log_tail(log_path)}")
+            for p in procs:
+                if p.poll() is not None:
+                    raise BenchError(f"{server}: a node exited with status {p.returncode}"
+                                     f"\n    {log_tail(log_path)}")
+            try:
+                st = cluster_status(config, "alpha")
+            except (BenchError, json.JSONDecodeError, IndexError):
+                time.sleep(PROBE_INTERVAL_S)
+                continue
+            peer_st = st["peers"][0]
+            if not promoted and peer_st["connection"] == "Connected":
+                rblock_cli(config, "alpha", "primary", EXPORT_NAME, *(["--force"] if fresh
+                                                                         else []))
+                promoted = True
+            elif (promoted and peer_st["replication"] == "Established"
+                  and peer_st["disk"] == "UpToDate"):
+                break
+            time.sleep(PROBE_INTERVAL_S)
+        wait_until_serving(running, size_bytes)
+        yield running
+    finally:
+        stop_server(running)
+        stop_server(peer)
+
+
 @contextlib.contextmanager
 def serving(server: str, image: Path, log_path: Path, size_bytes: int) -> Iterator[RunningServer]:
     """Start `server` on `image`, wait until it answers, and always stop it afterwards."""
+    if server in REPLICATED:
+        with serving_replicated(server, image, log_path, size_bytes) as running:
+            yield running
+        return
     port = free_port()
     with open(log_path, "ab") as log:
         # Own session: Ctrl-C reaches only us, and we stop the server ourselves.
@@ -383,16 +478,25 @@ def fill_result(result: RunResult, job: Job, fio_job: dict) -> None:
 
 
 def fresh_image(path: Path, size_bytes: int) -> None:
-    path.unlink(missing_ok=True)
+    remove_image(path)
+    if path.suffix == ".cluster":
+        return  # serving_replicated creates the disks and metadata
     with open(path, "wb") as image:
         image.truncate(size_bytes)
+
+
+def remove_image(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def run_one(job: Job, server: str, repetition: int, args: argparse.Namespace,
             workdir: Path) -> RunResult:
     """Fresh image (prefilled through a first server instance if the job reads), fresh server."""
     result = RunResult(job.name, server, repetition)
-    image = workdir / f"{server}.img"
+    image = workdir / (f"{server}.cluster" if server in REPLICATED else f"{server}.img")
     log_path = workdir / f"{job.name}.r{repetition}.{server}.log"
     fio_timeout_s = args.runtime_s + FIO_GRACE_S
     started = time.monotonic()
@@ -411,7 +515,7 @@ def run_one(job: Job, server: str, repetition: int, args: argparse.Namespace,
     except BenchError as exc:
         result.error = str(exc)
     finally:
-        image.unlink(missing_ok=True)
+        remove_image(image)
         result.duration_s = time.monotonic() - started
     if not result.error and log_mentions_traceback(log_path):
         result.warning = f"{server} logged a traceback\n    {log_tail(log_path)}"
@@ -472,11 +576,15 @@ def summarize(results: list[RunResult], args: argparse.Namespace) -> list[Summar
             if not runs:
                 continue
             ok = [r for r in runs if not r.error]
+            serve = [r for r in results if r.job == job_name
+                     and r.server == REPLICATED_BASELINE and not r.error]
             summaries.append(Summary(
                 job=job_name, server=server, runs_ok=len(ok),
                 iops=median_of(ok, "iops"), bw_bytes=median_of(ok, "bw_bytes"),
                 clat_p50_ns=median_of(ok, "clat_p50_ns"), clat_p99_ns=median_of(ok, "clat_p99_ns"),
                 ratio_to_baseline=paired_ratio(ok, baseline),
+                ratio_to_serve=paired_ratio(ok, serve) if server in REPLICATED else None,
+                serve_p50_ns=median_of(serve, "clat_p50_ns") if serve else None,
             ))
     return summaries
 
@@ -491,7 +599,45 @@ def format_us(value_ns: float) -> str:
     return f"{value_us:.1f}" if value_us < 100 else f"{value_us:.0f}"
 
 
-def target_mark(summary: Summary) -> str:
+def loopback_rtt_us(samples: int = 2000) -> float:
+    """Median round trip of a 64-byte message over a loopback TCP connection (Python)."""
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen()
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            times = []
+            for _ in range(samples):
+                t0 = time.perf_counter()
+                client.sendall(b"x" * 64)
+                server.recv(64)
+                server.sendall(b"y" * 64)
+                client.recv(64)
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def replicated_mark(summary: Summary, rtt_us: float) -> str:
+    if summary.job == QD1_LATENCY_JOB and summary.serve_p50_ns:
+        extra_us = (summary.clat_p50_ns - summary.serve_p50_ns) / NS_PER_US
+        limit_us = rtt_us + QD1_LATENCY_MARGIN_US
+        verdict = "PASS" if extra_us <= limit_us else "MISS"
+        return f"{verdict} (p50 +{extra_us:.0f} us <= {limit_us:.0f} us)"
+    if summary.job in REPLICATED_TARGET_JOBS and summary.ratio_to_serve is not None \
+            and summary.server == "rblock-c":
+        verdict = "PASS" if summary.ratio_to_serve >= REPLICATED_TARGET_RATIO else "MISS"
+        return f"{verdict} ({summary.ratio_to_serve:.2f}x serve >= {REPLICATED_TARGET_RATIO}x)"
+    if summary.ratio_to_serve is not None:
+        return f"{summary.ratio_to_serve:.2f}x serve"
+    return ""
+
+
+def target_mark(summary: Summary, rtt_us: float = 0.0) -> str:
+    if summary.server in REPLICATED:
+        return replicated_mark(summary, rtt_us)
     if summary.server != "rblock" or summary.job not in TARGET_JOBS:
         return ""
     if summary.runs_ok == 0:
@@ -502,23 +648,24 @@ def target_mark(summary: Summary) -> str:
     return f"{verdict} (>= {TARGET_RATIO:.1f}x)"
 
 
-def table_rows(summaries: list[Summary], repeat: int) -> list[list[str]]:
+def table_rows(summaries: list[Summary], repeat: int, rtt_us: float) -> list[list[str]]:
     rows = []
     for s in summaries:
         if s.runs_ok == 0:
-            rows.append([s.job, s.server, "FAILED", "", "", "", "", target_mark(s)])
+            rows.append([s.job, s.server, "FAILED", "", "", "", "", target_mark(s, rtt_us)])
             continue
         ratio = "n/a" if s.ratio_to_baseline is None else f"{s.ratio_to_baseline:.2f}x"
         runs = "" if s.runs_ok == repeat else f" ({s.runs_ok}/{repeat} ok)"
         rows.append([s.job, s.server + runs, f"{s.iops:.0f}", f"{s.bw_bytes / BYTES_PER_MB:.1f}",
-                     format_us(s.clat_p50_ns), format_us(s.clat_p99_ns), ratio, target_mark(s)])
+                     format_us(s.clat_p50_ns), format_us(s.clat_p99_ns), ratio,
+                     target_mark(s, rtt_us)])
     return rows
 
 
-def print_table(summaries: list[Summary], repeat: int) -> None:
+def print_table(summaries: list[Summary], repeat: int, rtt_us: float) -> None:
     header = ["job", "server", "IOPS", "MB/s", "p50 us", "p99 us", f"vs {BASELINE_SERVER}",
               "target"]
-    rows = table_rows(summaries, repeat)
+    rows = table_rows(summaries, repeat, rtt_us)
     if not rows:
         print("\nno runs completed")
         return
@@ -531,7 +678,7 @@ def print_table(summaries: list[Summary], repeat: int) -> None:
         return "  ".join(padded).rstrip()
 
     print(f"\nmedians over {repeat} repetition(s); latency = fio completion latency (clat); "
-          f"MB/s = 10^6 bytes/s")
+          f"MB/s = 10^6 bytes/s; loopback round trip {rtt_us:.0f} us")
     print(line(header))
     print(line(["-" * width for width in widths]))
     previous_job = None
@@ -590,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             interrupted = True
             print("\ninterrupted; servers stopped; partial results follow", file=sys.stderr)
     summaries = summarize(results, args)
-    print_table(summaries, args.repeat)
+    print_table(summaries, args.repeat, loopback_rtt_us())
     if args.json:
         write_json(args.json, info, args, results, summaries)
         print(f"\nraw results: {args.json}")
