@@ -15,7 +15,8 @@ The first problem found raises `ConfigError`, whose message always reads
 with sizes in bytes, times in seconds, and paths absolute (a relative path is taken from the
 config file's directory, so every node can be started from any working directory).
 
-`[guest.NAME]` tables belong to hvctl and are kept as raw dicts.
+`[guest.NAME]` tables and the `[hvctl]` table belong to hvctl and are kept as raw dicts
+(hvctl/config.py checks them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ CONNECT_RETRY_MAX_S_DEFAULT = 5.0
 RESYNC_RATE_DEFAULT = "200M"
 META_SUFFIX = ".meta"
 
-TOP_LEVEL_KEYS = ("resource", "node", "guest")
+TOP_LEVEL_KEYS = ("resource", "node", "guest", "hvctl")
 RESOURCE_KEYS = (
     "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
     "connect_retry_max_s", "resync_rate",
@@ -108,6 +109,7 @@ class ClusterConfig:
     resources: dict[str, ResourceConfig]
     nodes: dict[str, NodeConfig]
     guests: dict[str, dict]
+    hvctl: dict = field(default_factory=dict)  # the raw [hvctl] table
 
     def node(self, name: str) -> NodeConfig:
         try:
@@ -166,7 +168,7 @@ class _Loader:
         for key in data:
             if key not in TOP_LEVEL_KEYS:
                 raise self.fail(key, f"unknown top-level {_kind(data[key])}" + _valid_keys(
-                    key, TOP_LEVEL_KEYS, "tables", "[resource.NAME], [node.NAME], [guest.NAME]"))
+                    key, TOP_LEVEL_KEYS, "tables", "[resource.NAME], [node.NAME], [guest.NAME], [hvctl]"))
         resource_tables = self.group(data, "resource")
         node_tables = self.group(data, "node")
         guest_tables = self.group(data, "guest")
@@ -183,7 +185,11 @@ class _Loader:
             self.check_holders(name, holders, nodes)
             resources[name] = ResourceConfig(name=name, nodes=holders, **fields)
         guests = {name: dict(t) for name, t in guest_tables.items()}
-        return ClusterConfig(self.path, resources, nodes, guests)
+        hvctl = data.get("hvctl", {})
+        if not isinstance(hvctl, dict):
+            raise self.fail("hvctl", f"must be a table, not {_a(_kind(hvctl))}; write it as an "
+                            "[hvctl] header with keys below it")
+        return ClusterConfig(self.path, resources, nodes, guests, dict(hvctl))
 
     def read(self) -> dict[str, Any]:
         try:
