@@ -616,13 +616,20 @@ def test_al_extent_pinned_before_the_check_survives_a_concurrent_activation(path
     (which then reports it missing): never a write in an extent outside the AL."""
     md = Metadata.create(path, "alpha", "r0", 16 * GiB, al_extents_max=8)
     unprotected = []
+    errors: list[BaseException] = []  # from the worker: pytest would only warn about them
     stop = threading.Event()
+    # The worker cycles through extents the writer never uses (it uses 0..7), all of them
+    # valid: 100 .. al_extents_total - 1.
+    first, span = 100, md.al_extents_total - 100
 
     def activator():
-        e = 100
-        while not stop.is_set():
-            md.al_activate([e % 4000 + 100])
-            e += 1
+        e = 0
+        try:
+            while not stop.is_set():
+                md.al_activate([first + e % span])
+                e += 1
+        except BaseException as exc:  # noqa: BLE001 -- re-raised by the test below
+            errors.append(exc)
 
     md.al_activate(list(range(8)))
     t = threading.Thread(target=activator)
@@ -642,6 +649,7 @@ def test_al_extent_pinned_before_the_check_survives_a_concurrent_activation(path
     finally:
         stop.set()
         t.join()
+    assert errors == [], f"the activator thread failed: {errors[0]!r}"
     assert unprotected == []
     md.close()
 
