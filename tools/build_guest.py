@@ -7,10 +7,13 @@ Writes OUTDIR/vmlinux and OUTDIR/initramfs.cpio.gz from the Debian packages linu
 and busybox-static. The guest's /init loads the virtio block driver, waits for /dev/vda and then
 acts on optional kernel command line parameters (see INIT_SCRIPT):
 
+    rblock.peek=1         first of all, read sector 0 (what an earlier boot left); PEEK:<content>
     rblock.write=MARKER   write MARKER, NUL-padded, as sector 0 (O_DIRECT + fsync); WROTE:MARKER
     rblock.read=1         read sector 0 with O_DIRECT; READ:<content without NULs>
     rblock.loop=N         N times, 0.5 s apart, write "W<i>" to 4 KiB block 10; LOOP <i> ok|ERR
-    rblock.hold=1         stay up (idle) instead of powering off, e.g. for libvirt guests
+    rblock.hold=1         stay up (idle) instead of powering off, e.g. for libvirt guests; the
+                          ACPI power button (virsh shutdown, hvctl guest stop) then powers it
+                          off: POWER-BUTTON
 
 It always prints GUEST-DONE, then powers off (unless held). The console is ttyS0.
 
@@ -48,9 +51,10 @@ BOOT_DIR = Path("/boot")
 MODULES_DIR = Path("/lib/modules")
 BUSYBOX = Path("/bin/busybox")
 
-# What the guest must load to see a virtio-blk-pci disk; dependencies come from modules.dep.
-# Any of them may be built into the kernel, in which case it is simply absent from modules.dep.
-WANTED_MODULES = ("virtio_pci", "virtio_blk")
+# What the guest must load to see a virtio-blk-pci disk, and the ACPI power button as an input
+# device (button, evdev); dependencies come from modules.dep. Any of them may be built into
+# the kernel, in which case it is simply absent from modules.dep.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "button", "evdev")
 
 # Kernel command line every test guest needs; rblock.* parameters are appended to it.
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet"
@@ -90,6 +94,17 @@ if [ -b /dev/vda ]; then
 else
     echo "NO-DISK"
 fi
+
+case "$(param peek)" in
+    "" | 0) ;;
+    *)
+        if dd if=/dev/vda of=/tmp/peek bs=512 count=1 iflag=direct 2>/dev/null; then
+            echo "PEEK:$(tr -d '\000' </tmp/peek)"
+        else
+            echo "PEEK-ERR"
+        fi
+        ;;
+esac
 
 mark=$(param write)
 if [ -n "$mark" ]; then
@@ -131,7 +146,16 @@ done
 echo "GUEST-DONE"
 case "$(param hold)" in
     "" | 0) ;;
-    *) while :; do sleep 3600; done ;;
+    *)
+        # The ACPI power button (libvirt's shutdown) powers the guest off, as a real OS
+        # would. evdev hands out whole 24-byte input events; the first one is enough.
+        for ev in /sys/class/input/event*; do
+            [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] || continue
+            (dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null
+             echo "POWER-BUTTON"; sync; poweroff -f) &
+        done
+        while :; do sleep 3600; done
+        ;;
 esac
 poweroff -f
 """

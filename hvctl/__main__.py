@@ -1,0 +1,3 @@
+from hvctl.cli import main
+
+raise SystemExit(main())
