@@ -8,7 +8,14 @@ Theory of operation
    sub-tables). Unknown keys are errors, so a typo (`protocl = "A"`) never passes silently.
 2. The cluster as a whole: every disk names a defined resource, every resource has a disk on
    exactly two nodes, no two listen addresses collide, no two disks or metadata files share
-   a path on one machine.
+   a path on one machine, every node of a resource with `tls = true` has its TLS files.
+
+Peer-link TLS is switched on per resource (`tls = true`, like DRBD's `net { tls yes; }`); the
+files are per node, because the node's one replication listener serves all its resources:
+`tls_cert` and `tls_key` (the node's identity) and `tls_ca` (the CA the peers' certificates
+must be signed by). Whether the files exist and hold what they should is checked by
+`rblock up` on the node they belong to (rblock/replica/link.py, `PeerTLS`), not here: the
+same file is read on every node, and each machine has only its own files.
 
 The first problem found raises `ConfigError`, whose message always reads
 `FILE: key.path: what is wrong; how to fix it`. Everything returned is a frozen dataclass,
@@ -44,11 +51,14 @@ RESYNC_RATE_DEFAULT = "200M"
 META_SUFFIX = ".meta"
 
 TOP_LEVEL_KEYS = ("resource", "node", "guest", "hvctl")
+TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")  # per node: all three or none
+TLS_EXAMPLES = {"tls_cert": "pki/{node}-cert.pem", "tls_key": "pki/{node}-key.pem",
+                "tls_ca": "pki/ca-cert.pem"}
 RESOURCE_KEYS = (
     "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
-    "connect_retry_max_s", "resync_rate",
+    "connect_retry_max_s", "resync_rate", "tls",
 )
-NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta")
+NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS)
 ADDRESS_KEYS = ("replication", "control", "nbd")
 
 # Names become NBD export names, URL path segments of the control API and file names, and
@@ -76,6 +86,15 @@ class Address:
 
 
 @dataclass(frozen=True)
+class NodeTLS:
+    """A node's peer-link TLS files (absolute paths, on that node's machine)."""
+
+    cert: Path  # this node's certificate (PEM; may hold the chain up to the CA)
+    key: Path  # its private key (PEM, unencrypted: the daemon starts unattended)
+    ca: Path  # the CA (PEM) every peer's certificate must be signed by
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     replication: Address
@@ -84,6 +103,7 @@ class NodeConfig:
     libvirt: str | None
     disks: dict[str, Path]  # resource name -> backing disk (absolute)
     metas: dict[str, Path]  # resource name -> metadata file (absolute), one per disk
+    tls: NodeTLS | None = None  # peer-link TLS files; None: this node has none
 
     @property
     def diskless(self) -> bool:
@@ -101,6 +121,7 @@ class ResourceConfig:
     connect_retry_max_s: float = CONNECT_RETRY_MAX_S_DEFAULT
     resync_rate_bytes_per_s: int = 200 << 20
     nodes: tuple[str, ...] = ()  # the nodes with a disk for it, in file order
+    tls: bool = False  # the peer link runs in TLS, both certificates checked against the CA
 
 
 @dataclass(frozen=True)
@@ -183,6 +204,8 @@ class _Loader:
         for name, fields in partial.items():
             holders = tuple(n for n, node in nodes.items() if name in node.disks)
             self.check_holders(name, holders, nodes)
+            if fields["tls"]:
+                self.check_tls_files(name, holders, nodes)
             resources[name] = ResourceConfig(name=name, nodes=holders, **fields)
         guests = {name: dict(t) for name, t in guest_tables.items()}
         hvctl = data.get("hvctl", {})
@@ -271,9 +294,13 @@ class _Loader:
         if rate <= 0:
             raise self.fail(f"{key}.resync_rate", f'{rate} bytes/s would never finish a resync; '
                             f'set resync_rate = "{RESYNC_RATE_DEFAULT}"')
+        tls = t.get("tls", False)
+        if not isinstance(tls, bool):
+            raise self.fail(f"{key}.tls", f"{_show(tls)} is not true or false; set tls = true "
+                            "(TLS on the peer link) or remove the line")
         return dict(size_bytes=size_bytes, protocol=protocol.upper(), secret=secret,
                     ping_interval_s=ping, peer_timeout_s=timeout, connect_retry_max_s=retry,
-                    resync_rate_bytes_per_s=rate)
+                    resync_rate_bytes_per_s=rate, tls=tls)
 
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -316,7 +343,28 @@ class _Loader:
                                 f"(disks: {_names(disks)}); add [{key}.disk] {r} = \"...\" "
                                 "or remove this line")
         metas = {r: metas.get(r, Path(str(p) + META_SUFFIX)) for r, p in disks.items()}
-        return NodeConfig(name=name, libvirt=libvirt, disks=disks, metas=metas, **addresses)
+        return NodeConfig(name=name, libvirt=libvirt, disks=disks, metas=metas,
+                          tls=self.node_tls(name, t), **addresses)
+
+    def node_tls(self, name: str, t: dict[str, Any]) -> NodeTLS | None:
+        key = f"node.{name}"
+        given = [k for k in TLS_KEYS if k in t]
+        if not given:
+            return None
+        paths = {}
+        for k in given:
+            value = t[k]
+            if not isinstance(value, str) or not value.strip():
+                raise self.fail(f"{key}.{k}", f"{_show(value)} is not a path; write it like "
+                                f'{k} = "{TLS_EXAMPLES[k].format(node=name)}"')
+            paths[k] = self.resolve(value)
+        for k in TLS_KEYS:
+            if k not in paths:
+                raise self.fail(f"{key}.{k}", f"missing; {given[0]} is set, and TLS needs all "
+                                f"of {', '.join(TLS_KEYS)}: add {k} = "
+                                f'"{TLS_EXAMPLES[k].format(node=name)}" or remove '
+                                f"{' and '.join(given)}")
+        return NodeTLS(cert=paths["tls_cert"], key=paths["tls_key"], ca=paths["tls_ca"])
 
     def address(self, key: str, value: Any, *, unix_ok: bool) -> Address:
         example = '"127.0.0.1:7790"' + (' or "unix:/run/rblock.sock"' if unix_ok else "")
@@ -385,6 +433,15 @@ class _Loader:
             fix = f"remove {name} from the [node.NODE.disk] tables of all but two"
         raise self.fail(f"resource.{name}", f"has a disk on {on}, but a resource needs "
                         f"exactly {NODES_PER_RESOURCE} data nodes for now; {fix}")
+
+    def check_tls_files(self, name: str, holders: tuple[str, ...],
+                        nodes: dict[str, NodeConfig]) -> None:
+        for n in holders:
+            if nodes[n].tls is None:
+                raise self.fail(f"node.{n}.tls_cert", f"missing; resource {name} has tls = "
+                                f"true, so every node of it needs its TLS files: add tls_cert, "
+                                f"tls_key and tls_ca under [node.{n}], or set tls = false in "
+                                f"[resource.{name}]")
 
     def check_addresses(self, nodes: dict[str, NodeConfig]) -> None:
         """No two listen addresses alike, among all nodes' replication/control/nbd.

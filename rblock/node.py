@@ -4,7 +4,9 @@ A node serves, for every resource it holds a disk for:
 - NBD on its `nbd` address, export name = resource name, only while the resource is Primary
   here (a client of a Secondary is refused with a message naming the primary);
 - the peer link on its `replication` address; of the two nodes of a resource, the one whose
-  name sorts first dials (with backoff), the other accepts;
+  name sorts first dials (with backoff), the other accepts; for a resource with `tls = true`
+  both ends run it in TLS with the node's `tls_cert`/`tls_key`, checking the peer against
+  `tls_ca` (rblock/replica/link.py);
 - the control API on its `control` address (rblock/control.py), used by the CLI and hvctl.
 """
 
@@ -14,13 +16,21 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 
 from rblock.config import ClusterConfig, NodeConfig
 from rblock.control import EventBus, start_control
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
-from rblock.replica.link import PeerLink
+from rblock.replica.link import (
+    AUTH_TIMEOUT_S,
+    PeerLink,
+    PeerListener,
+    PeerTLS,
+    TLSFilesError,
+    describe_tls_error,
+)
 from rblock.replica.resource import Event, Resource
 from rblock.replica.state import Conn, Role
 from rblock.replica.wire import LinkError
@@ -72,10 +82,21 @@ class Node:
         self.resources: dict[str, Resource] = {}
         self.events = EventBus()
         self.nbd: NBDServer | None = None
+        self.tls: PeerTLS | None = None  # set when one of this node's resources has tls = true
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
     # --- wiring -----------------------------------------------------------------------------
+
+    def _load_tls(self) -> PeerTLS | None:
+        if not any(r.tls for r in self.cfg.resources_of(self.name)):
+            return None  # TLS files, if any, stay unread: no resource here uses them
+        files = self.me.tls
+        assert files is not None, "config.load checks that every node of a TLS resource has them"
+        try:
+            return PeerTLS.load(files.cert, files.key, files.ca)
+        except TLSFilesError as e:
+            raise NodeError(f"{self.cfg.path}: node.{self.name}.{e.key}: {e}") from None
 
     def _open_resources(self) -> None:
         for res in self.cfg.resources_of(self.name):
@@ -148,6 +169,13 @@ class Node:
         if r.conn is Conn.STANDALONE:
             raise LinkError(f"resource {name} is StandAlone on {self.name}; run "
                             f"'rblock connect {name}' there")
+        if r.cfg.tls and link.tls_version is None:
+            raise LinkError(f"resource {name} has tls = true on {self.name}, but {peer} "
+                            f"connected without TLS; set tls = true in [resource.{name}] on "
+                            f"{peer} too (with tls_cert, tls_key and tls_ca under [node.{peer}])")
+        if not r.cfg.tls and link.tls_version is not None:
+            raise LinkError(f"{peer} connected with TLS, but resource {name} has tls off on "
+                            f"{self.name}; give both nodes the same tls setting for {name}")
         link.ping_interval_s = r.cfg.ping_interval_s
         link.peer_timeout_s = r.cfg.peer_timeout_s
         return r, r.cfg.secret, peer
@@ -157,6 +185,9 @@ class Node:
         peer = self.cfg.node(r.peer_node)
         loop = asyncio.get_running_loop()
         backoff_s = DIAL_BACKOFF_FIRST_S
+        tls = self.tls if r.cfg.tls else None
+        assert tls is not None or not r.cfg.tls, "run() loads the contexts of a TLS resource"
+        last_failure = ""  # a TLS failure is logged when it changes, not at every retry
         while not self._stopping:
             if r.conn is Conn.STANDALONE or (r.link is not None and r.link.up):
                 link = r.link
@@ -169,12 +200,26 @@ class Node:
                             peer_timeout_s=r.cfg.peer_timeout_s, owner=r, secret=r.cfg.secret,
                             resource=r.name, expect_node=r.peer_node)
             try:
-                await loop.create_connection(lambda link=link: link, peer.replication.host,
-                                             peer.replication.port)
-            except OSError:
+                if tls is None:
+                    await loop.create_connection(lambda link=link: link, peer.replication.host,
+                                                 peer.replication.port)
+                else:
+                    await loop.create_connection(lambda link=link: link, peer.replication.host,
+                                                 peer.replication.port, ssl=tls.client,
+                                                 ssl_handshake_timeout=AUTH_TIMEOUT_S)
+            except OSError as e:
+                # Refused or unreachable: the peer is not up yet, retried quietly. Anything
+                # else with TLS on failed in the handshake, and the user needs to know why.
+                if tls is not None and _handshake_failure(e):
+                    why = describe_tls_error(e, tls.ca)
+                    if why != last_failure:
+                        log.error("link %s dial to %s (%s): TLS handshake failed: %s", r.name,
+                                  r.peer_node, peer.replication, why)
+                        last_failure = why
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
                 continue
+            last_failure = ""
             await link.closed
             if link.was_up:
                 backoff_s = DIAL_BACKOFF_FIRST_S  # a working link broke: retry quickly
@@ -185,6 +230,7 @@ class Node:
     # --- run ---------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        self.tls = self._load_tls()
         self._open_resources()
         try:
             for r in self.resources.values():
@@ -201,9 +247,9 @@ class Node:
                 return PeerLink(self.name, dialer=False, ping_interval_s=DEFAULT_PING_INTERVAL_S,
                                 peer_timeout_s=DEFAULT_PEER_TIMEOUT_S, route=self._route)
 
+            repl_server = PeerListener(new_link, self.tls)
             try:
-                repl_server = await loop.create_server(new_link, repl.host, repl.port,
-                                                       reuse_address=True)
+                await repl_server.start(repl.host, repl.port)
             except OSError as e:
                 raise NodeError(f"cannot listen for peers on {repl}: {e.strerror}") from None
             control = await start_control(self)
@@ -237,3 +283,8 @@ class Node:
         except OSError as e:
             raise NodeError(f"cannot listen for {what} on {addr}: {e.strerror}") from None
 
+
+def _handshake_failure(e: OSError) -> bool:
+    """Whether a dial error came after TCP connected, from the TLS handshake."""
+    return isinstance(e, (ssl.SSLError, ConnectionResetError, ConnectionAbortedError,
+                          BrokenPipeError))

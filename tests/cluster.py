@@ -10,6 +10,10 @@
     c.kill("alpha")            # SIGKILL by PID
     c.stop_all()               # SIGTERM every node still running, by PID
 
+Peer-link TLS: `Cluster(..., tls={"alpha": TLSFiles(cert, key, ca), "beta": ...})` writes
+`tls = true` and the nodes' files into the config file of each node that has an entry (a node
+without one, or with None, gets a plain config, for mismatch tests).
+
 Every node is stopped by PID when the test ends (the `cluster` fixture in conftest.py).
 """
 
@@ -24,11 +28,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("alpha", "beta")
 UP_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
+
+
+class TLSFiles(NamedTuple):
+    cert: Path
+    key: Path
+    ca: Path
 
 
 def free_ports(n: int) -> list[int]:
@@ -46,7 +57,8 @@ def free_ports(n: int) -> list[int]:
 class Cluster:
     def __init__(self, workdir: Path, size: str = "64M", protocol: str = "C",
                  secret: str = "test-secret", extra_resource: str = "",
-                 secrets: dict[str, str] | None = None):
+                 secrets: dict[str, str] | None = None,
+                 tls: dict[str, TLSFiles | None] | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(6)
@@ -58,22 +70,32 @@ class Cluster:
         for node in NODES:
             # One file per node so a test can give a node a different secret; otherwise equal.
             text = self._config_text(size, protocol, (secrets or {}).get(node, secret),
-                                     extra_resource)
+                                     extra_resource, tls or {}, node)
             path = self.dir / f"cluster-{node}.toml"
             path.write_text(text)
             self.configs[node] = path
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, list[Path]] = {n: [] for n in NODES}
 
-    def _config_text(self, size: str, protocol: str, secret: str, extra: str) -> str:
+    def _config_text(self, size: str, protocol: str, secret: str, extra: str,
+                     tls: dict[str, TLSFiles | None], reader: str) -> str:
+        mine = tls.get(reader)
+        if mine is not None:
+            extra = f"tls = true\n{extra}"
         lines = [f'[resource.r0]\nsize = "{size}"\nprotocol = "{protocol}"\n'
                  f'secret = "{secret}"\nping_interval_s = 0.5\npeer_timeout_s = 2.0\n'
                  f'connect_retry_max_s = 1.0\nresync_rate = "400M"\n{extra}\n']
         for node in NODES:
             p = self.ports[node]
+            files = ""
+            if mine is not None:
+                # Only `reader` reads this file, and only its own files: a peer without TLS
+                # files of its own gets the reader's, to keep the file valid.
+                f = tls.get(node) or mine
+                files = f'tls_cert = "{f.cert}"\ntls_key = "{f.key}"\ntls_ca = "{f.ca}"\n'
             lines.append(f'[node.{node}]\nreplication = "127.0.0.1:{p["replication"]}"\n'
                          f'control = "127.0.0.1:{p["control"]}"\nnbd = "127.0.0.1:{p["nbd"]}"\n'
-                         f'[node.{node}.disk]\nr0 = "{node}/r0.img"\n')
+                         f'{files}[node.{node}.disk]\nr0 = "{node}/r0.img"\n')
         return "\n".join(lines)
 
     # --- files -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from rblock.config import (
     ClusterConfig,
     ConfigError,
     NodeConfig,
+    NodeTLS,
     ResourceConfig,
     load,
 )
@@ -221,6 +222,67 @@ def test_relative_paths_are_from_the_config_dir_not_the_cwd(tmp_path, monkeypatc
         assert p.is_absolute()
 
 
+def with_tls(d: dict[str, Any], nodes: tuple[str, ...] = ("alpha", "beta")) -> dict[str, Any]:
+    """base() with tls = true on r0 and TLS files on NODES (relative paths)."""
+    d["resource"]["r0"]["tls"] = True
+    for n in nodes:
+        d["node"][n].update(tls_cert=f"pki/{n}-cert.pem", tls_key=f"pki/{n}-key.pem",
+                            tls_ca="pki/ca-cert.pem")
+    return d
+
+
+def test_tls_is_off_by_default(tmp_path):
+    cfg = load_dict(tmp_path, base())
+    assert cfg.resource("r0").tls is False
+    assert cfg.node("alpha").tls is None
+
+
+def test_tls_files_are_taken_from_the_config_dir(tmp_path, monkeypatch):
+    d = with_tls(base())
+    d["node"]["beta"].update(tls_cert="/etc/rblock/beta.pem", tls_key="~/beta.key")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir("/")
+    cfg = load_dict(tmp_path, d)
+    assert cfg.resource("r0").tls is True
+    assert cfg.node("alpha").tls == NodeTLS(cert=tmp_path / "pki" / "alpha-cert.pem",
+                                            key=tmp_path / "pki" / "alpha-key.pem",
+                                            ca=tmp_path / "pki" / "ca-cert.pem")
+    assert cfg.node("beta").tls == NodeTLS(cert=Path("/etc/rblock/beta.pem"),
+                                           key=tmp_path / "home" / "beta.key",
+                                           ca=tmp_path / "pki" / "ca-cert.pem")
+
+
+def test_example_tls_lines_work_uncommented(tmp_path):
+    """The commented TLS lines of the example are valid as written (README points at them)."""
+    text = re.sub(r"(?m)^# (tls_(cert|key|ca) = )", r"\1", EXAMPLE.read_text())
+    text = text.replace("# tls = false ", "tls = true ", 1)
+    text = text.replace('[node.beta.disk]', 'tls_cert = "pki/beta-cert.pem"\n'
+                        'tls_key = "pki/beta-key.pem"\ntls_ca = "pki/ca-cert.pem"\n'
+                        '[node.beta.disk]')
+    cfg = load_dict(tmp_path, text)
+    assert cfg.resource("r0").tls is True
+    assert cfg.node("alpha").tls == NodeTLS(cert=tmp_path / "pki" / "alpha-cert.pem",
+                                            key=tmp_path / "pki" / "alpha-key.pem",
+                                            ca=tmp_path / "pki" / "ca-cert.pem")
+
+
+def test_tls_files_without_a_tls_resource_are_kept(tmp_path):
+    """Files may be set up before TLS is switched on; they are checked by `rblock up` only
+    once a resource of the node uses them."""
+    d = with_tls(base(), ("alpha",))
+    d["resource"]["r0"]["tls"] = False
+    cfg = load_dict(tmp_path, d)
+    assert cfg.resource("r0").tls is False
+    assert cfg.node("alpha").tls is not None and cfg.node("beta").tls is None
+
+
+def test_tls_files_may_be_shared_by_nodes_on_one_machine(tmp_path):
+    d = with_tls(base())
+    d["node"]["beta"].update(tls_cert="pki/alpha-cert.pem", tls_key="pki/alpha-key.pem")
+    cfg = load_dict(tmp_path, d)
+    assert cfg.node("alpha").tls == cfg.node("beta").tls
+
+
 def test_unix_control_absolute_and_ipv6(tmp_path):
     d = base()
     d["node"]["alpha"]["control"] = "unix:/run/rblock/alpha.sock"
@@ -332,7 +394,7 @@ ERRORS = [
     ("resource key typo", _set(f"{R}.protocl", "A"), f"{R}.protocl: unknown key",
      "did you mean 'protocol'"),
     ("node key typo", _set(f"{A}.replicaton", "127.0.0.1:1"), f"{A}.replicaton: unknown key",
-     "valid keys: replication, control, nbd, libvirt, disk, meta"),
+     "valid keys: replication, control, nbd, libvirt, disk, meta, tls_cert, tls_key, tls_ca"),
     ("missing size", _set(f"{R}.size", None), f"{R}.size: missing", "add size ="),
     ("missing secret", _set(f"{R}.secret", None), f"{R}.secret: missing", "add secret ="),
     ("empty secret", _set(f"{R}.secret", ""), f"{R}.secret: '' is not a non-empty", "set secret"),
@@ -422,6 +484,32 @@ ERRORS = [
     ("timeout below ping", lambda d: d["resource"]["r0"].update(ping_interval_s=3,
                                                                 peer_timeout_s=2),
      f"{R}.peer_timeout_s: 2 is not more than ping_interval_s (3)", "set peer_timeout_s = 12"),
+    # peer-link TLS
+    ("tls typo", _set(f"{R}.tsl", True), f"{R}.tsl: unknown key", "did you mean 'tls'"),
+    ("tls string", _set(f"{R}.tls", "yes"), f"{R}.tls: 'yes' is not true or false",
+     "set tls = true (TLS on the peer link) or remove the line"),
+    ("tls integer", _set(f"{R}.tls", 1), f"{R}.tls: 1 is not true or false", "set tls = true"),
+    ("tls without any files", _set(f"{R}.tls", True),
+     f"{A}.tls_cert: missing; resource r0 has tls = true, so every node of it needs its TLS "
+     "files", "add tls_cert, tls_key and tls_ca under [node.alpha], or set tls = false"),
+    ("tls files on one node only", lambda d: with_tls(d, ("alpha",)),
+     f"{B}.tls_cert: missing; resource r0 has tls = true", "under [node.beta]"),
+    ("tls files on a third node only", lambda d: (with_tls(d, ()), third_node(
+        d, tls_cert="c", tls_key="k", tls_ca="ca")),
+     f"{A}.tls_cert: missing; resource r0 has tls = true", "under [node.alpha]"),
+    ("tls_key missing", lambda d: (with_tls(d), d["node"]["beta"].pop("tls_key")),
+     f"{B}.tls_key: missing; tls_cert is set, and TLS needs all of tls_cert, tls_key, tls_ca",
+     'add tls_key = "pki/beta-key.pem" or remove tls_cert and tls_ca'),
+    ("tls_ca alone", _set(f"{A}.tls_ca", "ca.pem"),
+     f"{A}.tls_cert: missing; tls_ca is set", 'add tls_cert = "pki/alpha-cert.pem"'),
+    ("tls_cert not a string", lambda d: (with_tls(d), _set(f"{A}.tls_cert", 3)(d)),
+     f"{A}.tls_cert: 3 is not a path", 'write it like tls_cert = "pki/alpha-cert.pem"'),
+    ("tls_key empty", lambda d: (with_tls(d), _set(f"{B}.tls_key", " ")(d)),
+     f"{B}.tls_key: ' ' is not a path", 'write it like tls_key = "pki/beta-key.pem"'),
+    ("tls_ca table", lambda d: (with_tls(d), _set(f"{A}.tls_ca", {"x": 1})(d)),
+     f"{A}.tls_ca: a table is not a path", 'tls_ca = "pki/ca-cert.pem"'),
+    ("tls key typo", _set(f"{A}.tls_crt", "x.pem"), f"{A}.tls_crt: unknown key",
+     "did you mean 'tls_cert'"),
 ]
 
 
@@ -486,7 +574,7 @@ def clusters(draw) -> tuple[dict[str, Any], dict[str, Any]]:
     expect_nodes: dict[str, Any] = {}
     for n in node_names:
         t: dict[str, Any] = {}
-        exp: dict[str, Any] = {"disks": {}, "metas": {}, "libvirt": None}
+        exp: dict[str, Any] = {"disks": {}, "metas": {}, "libvirt": None, "tls": None}
         for k in ("replication", "control", "nbd"):
             host = draw(st.sampled_from(hosts))
             p = next(ports)
@@ -499,6 +587,11 @@ def clusters(draw) -> tuple[dict[str, Any], dict[str, Any]]:
         if draw(st.booleans()):
             t["libvirt"] = exp["libvirt"] = draw(st.sampled_from(
                 ["qemu:///system", "qemu+ssh://root@h/system"]))
+        if draw(st.booleans()):
+            where = draw(st.sampled_from(["pki", "/etc/rblock"]))
+            files = (f"{where}/{n}-cert.pem", f"{where}/{n}-key.pem", f"{where}/ca.pem")
+            t["tls_cert"], t["tls_key"], t["tls_ca"] = files
+            exp["tls"] = files
         nodes[n] = t
         expect_nodes[n] = exp
 
@@ -509,7 +602,7 @@ def clusters(draw) -> tuple[dict[str, Any], dict[str, Any]]:
         t = {"size": size, "secret": draw(SECRETS)}
         exp = {"size_bytes": size_bytes, "secret": t["secret"], "protocol": "C",
                "ping_interval_s": 1.0, "peer_timeout_s": 4.0, "connect_retry_max_s": 5.0,
-               "resync_rate_bytes_per_s": 200 << 20}
+               "resync_rate_bytes_per_s": 200 << 20, "tls": False}
         if draw(st.booleans()):
             t["protocol"] = draw(st.sampled_from(["A", "B", "C", "a", "b", "c"]))
             exp["protocol"] = t["protocol"].upper()
@@ -529,6 +622,8 @@ def clusters(draw) -> tuple[dict[str, Any], dict[str, Any]]:
         holders = draw(st.lists(st.sampled_from(node_names), min_size=2, max_size=2,
                                 unique=True))
         exp["nodes"] = tuple(n for n in node_names if n in holders)  # file order
+        if all(expect_nodes[n]["tls"] for n in holders) and draw(st.booleans()):
+            t["tls"] = exp["tls"] = True
         for n in holders:
             disk = f"{n}/{r}.img" if draw(st.booleans()) else f"/srv/{n}/{r}.img"
             nodes[n].setdefault("disk", {})[r] = disk
@@ -578,12 +673,16 @@ def test_random_valid_configs_round_trip(case):
             assert getattr(n, k) == want, k
         assert n.disks == {r: absolute(p) for r, p in exp["disks"].items()}
         assert n.metas == {r: absolute(p) for r, p in exp["metas"].items()}
+        if exp["tls"] is None:
+            assert n.tls is None
+        else:
+            assert n.tls == NodeTLS(*map(absolute, exp["tls"]))
         assert [r.name for r in cfg.resources_of(name)] == list(exp["disks"])
     assert cfg.guests == data.get("guest", {})
 
 
 @settings(max_examples=100, deadline=None)
-@given(clusters(), st.sampled_from(["size", "protocol", "secret", "timeouts", "typo"]))
+@given(clusters(), st.sampled_from(["size", "protocol", "secret", "timeouts", "typo", "tls"]))
 def test_random_configs_with_one_fault_fail_at_that_key(case, fault):
     data, _ = case
     data = copy.deepcopy(data)
@@ -598,6 +697,8 @@ def test_random_configs_with_one_fault_fail_at_that_key(case, fault):
         t["protocol"], key = "Z", key + "protocol"
     elif fault == "secret":
         t["secret"], key = "", key + "secret"
+    elif fault == "tls":
+        t["tls"], key = "on", key + "tls"
     elif fault == "timeouts":
         t["ping_interval_s"], t["peer_timeout_s"], key = 2.0, 2.0, key + "peer_timeout_s"
     else:

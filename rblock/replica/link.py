@@ -17,6 +17,16 @@ later frame. Frames with a bad CRC or magic drop the connection before anything 
 
 Liveness: a PING goes out every `ping_interval_s`; a link that has received nothing for
 `peer_timeout_s` is dropped, so a silent peer is noticed in bounded time.
+
+Optional TLS (a resource with `tls = true`): the same frames, HMAC steps included, run inside
+a TLS connection in which both sides present a certificate and check the other's against the
+CA (`PeerTLS`). TLS keeps the data private and proves the peer holds a certificate from the
+cluster's CA; the HMAC still proves it knows this resource's secret. A node's one replication
+listener serves all its resources, TLS or not: `PeerListener` looks at the first byte a dialer
+sends (0x16 opens a TLS handshake, our frames start with "R") and hands the socket to TLS or
+to a plain link, so a TLS/plain mismatch is refused with a reason instead of garbling a
+handshake. On a node where no resource has TLS on, the listener is the plain asyncio server,
+and on any node the frame path has no TLS code on it at all.
 """
 
 from __future__ import annotations
@@ -28,8 +38,11 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from rblock.aio import SendCoalescer
@@ -40,7 +53,9 @@ from rblock.replica.wire import Frame, LinkError, T
 log = logging.getLogger("rblock.link")
 
 CHALLENGE_BYTES = 32
-AUTH_TIMEOUT_S = 5.0
+AUTH_TIMEOUT_S = 5.0  # TCP accept to authenticated, TLS handshake included
+TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello record (RFC 8446, 5.1)
+ADMISSIONS_MAX = 16  # accepted connections whose first byte we still wait for, per listener
 
 
 class LinkOwner(Protocol):
@@ -99,6 +114,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._reading = True
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.tls_version: str | None = None  # "TLSv1.3" on a TLS link, None on a plain one
+        self.remote = "?"  # the peer's address, for log lines before it has said its name
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
@@ -108,6 +125,12 @@ class PeerLink(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self.remote = _format_peername(peername)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls_version = ssl_object.version()
         if self.dialer:
             self._send_hello()
         loop = asyncio.get_running_loop()
@@ -118,11 +141,20 @@ class PeerLink(asyncio.BufferedProtocol):
             self._timer.cancel()
         prev = self.phase
         self.phase = Phase.CLOSED
+        closed_by_peer = not self.close_reason
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.close_reason = reason
         self.transport = None
         if prev is Phase.UP and self.owner is not None:
             self.owner.link_down(self, reason)
+        elif (prev is not Phase.CLOSED and closed_by_peer and self.dialer
+                and self.tls_version is not None):
+            # In TLS 1.3 the server checks the client's certificate after the client's side of
+            # the handshake is done: a refused certificate shows up here, as a bare close.
+            log.error("link %s dial to %s (%s) not established: %s; the peer may have "
+                      "refused this node's certificate (see its log): it must be signed by the "
+                      "CA in the peer's tls_ca", self.resource or "?", self.peer_node or "?",
+                      self.remote, reason)
         elif prev is not Phase.CLOSED:
             log.info("link %s %s to %s not established: %s", self.resource or "?",
                      "dial" if self.dialer else "accept", self.peer_node or "?", reason)
@@ -157,6 +189,13 @@ class PeerLink(asyncio.BufferedProtocol):
                 size = 0
                 self._dispatch(frame)
         except LinkError as e:
+            if (self.phase is Phase.HELLO and self.tls_version is None
+                    and arena.buf[arena.start] == TLS_RECORD_HANDSHAKE):
+                self.close(f"{self.remote} opened a TLS handshake, but no resource on this node "
+                           "has tls = true; set tls = true for the resource on both nodes, "
+                           "with tls_cert, tls_key and tls_ca on each, or turn it off on the "
+                           "peer", log_level=logging.ERROR)
+                return
             self.close(f"{e}; frame dropped", log_level=logging.ERROR)
             return
         arena.reserve(size)
@@ -229,6 +268,12 @@ class PeerLink(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self._schedule_ping()
+        if self.tls_version is not None:
+            cipher = self.transport.get_extra_info("cipher") if self.transport else None
+            peercert = self.transport.get_extra_info("peercert") if self.transport else None
+            log.info("link %s with %s: %s (%s), peer certificate %s", self.resource,
+                     self.peer_node, self.tls_version, cipher[0] if cipher else "?",
+                     _cert_name(peercert))
         assert self.owner is not None
         self.owner.link_up(self)
 
@@ -316,3 +361,240 @@ class PeerLink(asyncio.BufferedProtocol):
     @property
     def up(self) -> bool:
         return self.phase is Phase.UP and self.transport is not None
+
+
+def _format_peername(peername: tuple) -> str:
+    host, port = peername[0], peername[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _cert_name(peercert: dict | None) -> str:
+    """'CN=beta, issued by CN=rblock CA' from ssl's decoded certificate dict."""
+    if not peercert:
+        return "?"
+
+    def name(rdns) -> str:
+        return ", ".join(f"{'CN' if k == 'commonName' else k}={v}"
+                         for rdn in rdns for k, v in rdn) or "?"
+    return f"{name(peercert.get('subject', ()))}, issued by {name(peercert.get('issuer', ()))}"
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+class TLSFilesError(Exception):
+    """A node's TLS files are unusable. `key` is the config key to fix (tls_cert, ...)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class PeerTLS:
+    """The SSL contexts of one node's peer links: its certificate on both, peers checked
+    against the CA on both (each node dials some peers and accepts others)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    ca: Path
+
+    @classmethod
+    def load(cls, cert: Path, key: Path, ca: Path) -> PeerTLS:
+        """Build both contexts and shake hands with itself in memory, so that a certificate
+        the peers would refuse (another CA, a server-only key usage, expired) stops
+        `rblock up` with the reason instead of failing every connection later."""
+        for k, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise TLSFilesError(k, f"cannot read {path}: {e.strerror}; fix the path or "
+                                       "the file's permissions") from None
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # Peers are found by address, not by name, and a node's certificate names the node:
+        # what is checked is the CA's signature (and, inside, the shared secret's HMAC).
+        client.check_hostname = False
+        for ctx in (server, client):
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            try:
+                ctx.load_verify_locations(cafile=str(ca))
+            except (ssl.SSLError, ValueError) as e:
+                raise TLSFilesError("tls_ca", f"{ca} holds no usable CA certificate ({e}); "
+                                              "give the CA's certificate in PEM") from None
+            try:
+                ctx.load_cert_chain(str(cert), str(key))
+            except ssl.SSLError as e:
+                if "KEY_VALUES_MISMATCH" in str(e) or "key values mismatch" in str(e):
+                    raise TLSFilesError("tls_key", f"{key} is not the key of the certificate "
+                                                   f"{cert}; give the key it was made with") from None
+                raise TLSFilesError("tls_cert", f"cannot load {cert} with key {key} ({e}); "
+                                                "give a PEM certificate and its unencrypted PEM "
+                                                "key") from None
+        try:
+            _handshake_in_memory(server, client)
+        except ssl.SSLError as e:
+            raise TLSFilesError("tls_cert", f"{cert} would be refused by the peers: "
+                                            f"{describe_tls_error(e, ca)}") from None
+        return cls(server, client, ca)
+
+
+def _handshake_in_memory(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
+    """A full handshake between the two contexts through memory BIOs; raises ssl.SSLError."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(16):  # a TLS 1.3 handshake takes 2-3 flights; 16 is plenty
+        for name, obj in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            # TLS 1.3: the client is done before the server has checked its certificate; one
+            # read on the client surfaces the server's alert, if any.
+            try:
+                client.read(1)
+            except ssl.SSLWantReadError:
+                pass
+            return
+    raise ssl.SSLError("TLS handshake with itself did not finish")
+
+
+_BARE_ERRORS = {  # errors asyncio raises without a message
+    ConnectionResetError: "connection reset by the peer",
+    ConnectionAbortedError: "connection aborted",
+    BrokenPipeError: "the peer closed the connection",
+}
+
+
+def describe_tls_error(e: BaseException, ca: Path) -> str:
+    """A failed peer-link TLS handshake as `what; how to fix it`."""
+    text = (getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e)
+            or _BARE_ERRORS.get(type(e), type(e).__name__))
+    low = str(e).lower() + " " + str(text).lower()
+    if "certificate purpose" in low:  # OpenSSL 1.1 "unsupported", 3.0 "unsuitable"
+        fix = ("a node's certificate must allow both TLS server and client use: make it with "
+               "keyUsage = digitalSignature and extendedKeyUsage = serverAuth, clientAuth "
+               "(or without these extensions), not as a CA certificate")
+    elif "expired" in low or "not yet valid" in low:
+        fix = "renew the certificate (and check both machines' clocks)"
+    elif isinstance(e, ssl.SSLCertVerificationError) or "unknown ca" in low \
+            or "certificate verify failed" in low or "bad certificate" in low:
+        fix = (f"the certificate is not signed by the CA in tls_ca ({ca}); give every node a "
+               "certificate signed by the same CA")
+    elif "wrong version number" in low or "record layer" in low or "packet length" in low \
+            or "http request" in low:
+        fix = "the peer does not speak TLS here; set tls = true for the resource on both nodes"
+    elif isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)) \
+            or "eof" in low:
+        fix = ("the peer closed the connection during the TLS handshake: it may have TLS off "
+               "for this resource (set tls = true on both nodes) or have refused this node's "
+               "certificate (see its log)")
+    else:
+        fix = "see the peer's log; both nodes need tls = true and certificates from one CA"
+    return f"{text}; {fix}"
+
+
+class PeerListener:
+    """A node's replication listener. `new_link()` makes the acceptor's PeerLink."""
+
+    def __init__(self, new_link: Callable[[], PeerLink], tls: PeerTLS | None):
+        self.new_link = new_link
+        self.tls = tls
+        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._admissions: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self.tls is None:
+            # No TLS on this node: the plain server, exactly as without this class.
+            self._server = await loop.create_server(self.new_link, host, port,
+                                                    reuse_address=True)
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, reuse_port=False)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = loop.create_task(self._accept_loop(sock))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for t in list(self._admissions):
+            t.cancel()
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, addr = await loop.sock_accept(lsock)
+            remote = _format_peername(addr)
+            if len(self._admissions) >= ADMISSIONS_MAX:
+                log.warning("peer link from %s dropped: %d connections are already being "
+                            "admitted", remote, len(self._admissions))
+                sock.close()
+                continue
+            task = loop.create_task(self._admit(sock, remote))
+            self._admissions.add(task)
+            task.add_done_callback(self._admissions.discard)
+
+    async def _admit(self, sock: socket.socket, remote: str) -> None:
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        handed_over = False
+        try:
+            first = await asyncio.wait_for(_peek_byte(sock), AUTH_TIMEOUT_S)
+            if not first:
+                return  # closed before saying anything (a port probe)
+            if first[0] == TLS_RECORD_HANDSHAKE:
+                handed_over = True
+                await loop.connect_accepted_socket(
+                    self.new_link, sock, ssl=self.tls.server,
+                    ssl_handshake_timeout=AUTH_TIMEOUT_S)
+            else:
+                # A plain dialer: its HELLO names the resource, and the route refuses it
+                # (with a REFUSE frame the dialer logs) if that resource wants TLS.
+                handed_over = True
+                await loop.connect_accepted_socket(self.new_link, sock)
+        except TimeoutError:
+            log.warning("peer link from %s dropped: nothing received in %.0fs", remote,
+                        AUTH_TIMEOUT_S)
+        except (ssl.SSLError, OSError) as e:
+            log.error("peer link from %s refused: TLS handshake failed: %s", remote,
+                      describe_tls_error(e, self.tls.ca))
+        finally:
+            if not handed_over:
+                sock.close()
+
+
+async def _peek_byte(sock: socket.socket) -> bytes:
+    """The connection's first byte, left in the socket for whoever reads it next."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        while True:
+            try:
+                return sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                await ready
+                ready = loop.create_future()
+                loop.remove_reader(fd)
+                loop.add_reader(fd, lambda f=ready: f.done() or f.set_result(None))
+    finally:
+        loop.remove_reader(fd)
