@@ -294,7 +294,10 @@ class _Loader:
             raise self.fail(file, f"{_p(key)}disks", 'missing; add disks = ["r0"] (the rblock '
                             "resources the guest uses, in order vda, vdb, ...)")
         disks = t["disks"]
-        if not isinstance(disks, list) or not disks:
+        if disks == []:
+            raise self.fail(file, f"{_p(key)}disks", 'is empty; list the rblock resources the '
+                            'guest uses, like disks = ["r0"]')
+        if not isinstance(disks, list):
             raise self.fail(file, f"{_p(key)}disks", f"{_show(disks)} is not a non-empty list of "
                             'resource names; write it like disks = ["r0"]')
         seen: set[str] = set()

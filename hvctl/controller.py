@@ -178,7 +178,10 @@ class Controller:
 
     async def _start_on(self, g: GuestConfig, node: str, p: Placement) -> None:
         virt = self.virt(node)
-        virt.conn()  # a clear error now, before any resource changes role
+        try:
+            virt.conn()  # a clear error now, before any resource changes role
+        except VirtError as e:
+            raise HvError(f"cannot start {g.name} on {node}: {e}") from None
         promoted = await self._take_resources(g, node)
         dom = None
         try:
@@ -200,11 +203,20 @@ class Controller:
             if isinstance(e, (VirtError, ConfigError)):
                 raise HvError(f"cannot start {g.name} on {node}: {e}") from None
             raise
-        for other in p.defined:  # the copy on the node where it ran before is stale now
-            if other != node:
-                stale = self.virts[other].lookup(g.name)
+        self._undefine_elsewhere(g.name, node, p)
+
+    def _undefine_elsewhere(self, name: str, node: str, p: Placement) -> None:
+        """A guest is defined only where it runs or last ran: the copies on other nodes are
+        stale (their XML points at those nodes' exports)."""
+        for other in p.defined:
+            if other == node:
+                continue
+            try:
+                stale = self.virts[other].lookup(name)
                 if stale is not None and self.virts[other].state(stale) == "stopped":
                     self.virts[other].undefine(stale)
+            except VirtError as e:
+                log.warning("%s: a stale definition stays on %s: %s", name, other, e)
 
     async def _take_resources(self, g: GuestConfig, node: str) -> list[str]:
         """Every resource of G Primary on NODE; returns those this call promoted."""
@@ -336,11 +348,7 @@ class Controller:
         dtype = await self.domain_type(g, node)
         _, spec = self.virt(node).define(DomainSpec(g, node, dtype.domain_type,
                                                     self.nbd_disks(g, node)))
-        for other in p.defined:
-            if other != node:
-                dom = self.virts[other].lookup(name)
-                if dom is not None and self.virts[other].state(dom) == "stopped":
-                    self.virts[other].undefine(dom)
+        self._undefine_elsewhere(name, node, p)
         return f"{name} defined on {node} ({spec.domain_type}, {spec.disk_form} NBD disks)"
 
     async def undefine(self, name: str) -> str:
@@ -381,13 +389,10 @@ class Controller:
             dom = self.virts[where].lookup(name)
             info = parse_xml(dom.XMLDesc(0)) if dom is not None else None
         disks = []
-        for i, r in enumerate(g.disks):
+        for r in g.disks:
             roles = await self.roles(r)
             st = roles.get(where, {}) if where else {}
-            uri = None
-            if info is not None and i < len(info.disks):
-                d = info.disks[i]
-                uri = NbdDisk(d["resource"], d["host"], d["port"]).uri
+            uri = info.disk_uris.get(r) if info is not None else None
             disks.append({"resource": r, "nbd": uri, "role": st.get("role"),
                           "disk": st.get("disk"),
                           "primary_on": [n for n, s in roles.items() if s.get("role") ==

@@ -85,6 +85,7 @@ class DomainInfo:
     console_log: str | None = None
     managed: bool = False  # hvctl's metadata is present
     node: str | None = None
+    disk_uris: dict[str, str] = field(default_factory=dict)  # resource -> NBD URI (metadata)
     disks: list[dict] = field(default_factory=list)  # resource, host, port, target, cache, ...
     interfaces: list[dict] = field(default_factory=list)
 
@@ -206,6 +207,8 @@ def parse_xml(xml: str) -> DomainInfo:
     if meta is not None:
         info.managed = True
         info.node = meta.get("node")
+        info.disk_uris = {d.get("resource", ""): d.get("uri", "")
+                          for d in meta.findall(f"{{{HVCTL_NS}}}disk")}
     for disk in root.findall("devices/disk"):
         src = disk.find("source")
         host = src.find("host") if src is not None else None

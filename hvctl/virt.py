@@ -62,8 +62,14 @@ class VirtError(Exception):
 
 def register_event_loop() -> None:
     """Route libvirt's events through the running asyncio loop (once per process)."""
-    loop = asyncio.get_running_loop()
     impl = libvirtaio.getCurrentImpl()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        if impl is None:
+            raise RuntimeError("hvctl's libvirt connections need a running asyncio loop the "
+                               "first time") from None
+        return  # a synchronous call between awaits of the registered loop
     if impl is None:
         libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
     elif impl.loop is not loop:
@@ -181,7 +187,7 @@ class NodeVirt:
 
     def undefine(self, dom: libvirt.virDomain) -> None:
         try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            dom.undefine()  # hvctl guests boot BIOS or a kernel: no NVRAM to keep or drop
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise self._error(f"undefining {dom.name()}", e) from None
@@ -204,7 +210,7 @@ class NodeVirt:
             if not dom.isActive():
                 self.drop(waiter)
                 return True
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            dom.shutdown()  # no guest agent is configured, so QEMU presses the ACPI button
         except libvirt.libvirtError as e:
             self.drop(waiter)
             if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile
