@@ -11,9 +11,10 @@ acts on optional kernel command line parameters (see INIT_SCRIPT):
     rblock.write=MARKER   write MARKER, NUL-padded, as sector 0 (O_DIRECT + fsync); WROTE:MARKER
     rblock.read=1         read sector 0 with O_DIRECT; READ:<content without NULs>
     rblock.loop=N         N times, 0.5 s apart, write "W<i>" to 4 KiB block 10; LOOP <i> ok|ERR
-    rblock.hold=1         stay up (idle) instead of powering off, e.g. for libvirt guests; the
-                          ACPI power button (virsh shutdown, hvctl guest stop) then powers it
-                          off: POWER-BUTTON
+    rblock.hold=1         stay up (idle) instead of powering off, e.g. for libvirt guests
+
+At any time the ACPI power button (virsh shutdown, hvctl guest stop) powers it off:
+POWER-BUTTON.
 
 It always prints GUEST-DONE, then powers off (unless held). The console is ttyS0.
 
@@ -86,6 +87,14 @@ for m in $(cat /lib/modules/load-order); do
     insmod "/lib/modules/$m.ko" || echo "INSMOD-ERR:$m"
 done
 
+# The ACPI power button (libvirt's shutdown) powers the guest off at any time, as a real OS
+# would. evdev hands out whole 24-byte input events; the first one is enough.
+for ev in /sys/class/input/event*; do
+    [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] || continue
+    (dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null
+     echo "POWER-BUTTON"; sync; poweroff -f) &
+done
+
 # The disk shows up asynchronously after virtio_blk probes the PCI device.
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
@@ -147,13 +156,6 @@ echo "GUEST-DONE"
 case "$(param hold)" in
     "" | 0) ;;
     *)
-        # The ACPI power button (libvirt's shutdown) powers the guest off, as a real OS
-        # would. evdev hands out whole 24-byte input events; the first one is enough.
-        for ev in /sys/class/input/event*; do
-            [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] || continue
-            (dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null
-             echo "POWER-BUTTON"; sync; poweroff -f) &
-        done
         while :; do sleep 3600; done
         ;;
 esac
