@@ -150,6 +150,11 @@ cmdline = "{cmdline}"
     assert hvctl_json(cfg, "guest", "status", "vm1")["state"] == "stopped"
     assert domains(hv, "beta") == ["vm1"]
     assert c.files_identical()
+    console = hvctl(cfg, "guest", "console", "vm1", "--log").stdout
+    assert console.count("GUEST-START") == 2 and console.count("POWER-BUTTON") == 2
+    node = hvctl_json(cfg, "node", "status", "beta")
+    assert node["guests"] == {"vm1": "stopped"} and node["domain_type"] == "qemu"
+    assert node["rblock"] == {"r0": {"role": "Secondary", "disk": "UpToDate"}}
 
 
 def test_cli_errors_are_one_line_and_leave_nothing_behind(cluster, libvirt_hosts,
