@@ -1,58 +1,75 @@
-"""`make demo`: serve a sparse image with `rblock serve`, use it with real NBD clients.
+"""`make demo`: rblock with real clients, on localhost, under build/demo; nothing is left running.
 
-Everything runs on localhost under build/demo and is stopped at the end.
+One function per stage, run in order by main():
+
+1. `stage_serve()`: `rblock serve` exports a sparse image; qemu-io and nbdinfo use it.
+2. `stage_replication(c)`: a two-node cluster from examples/two-nodes.toml (tools/cluster_demo.py):
+   create-md, both daemons up, the first promotion and its full sync, writes through the
+   primary's export, both backing files identical, roles switched, the data read back
+   through the new primary.
+3. `stage_stop(c)`: SIGTERM to both daemons, their exit status and last log lines.
+
+Stages that need the cluster take it as an argument and leave it running, so a later stage
+slots in before `stage_stop` (a libvirt guest on the primary's export, say). `--keep` leaves
+the nodes running at the end instead, with their PIDs printed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools` as a package
+
+from tools.cluster_demo import (  # noqa: E402 -- after the path fix above
+    REPO,
+    RESOURCE,
+    DemoCluster,
+    cluster,
+    run,
+    shown,
+    step,
+)
+
 WORK = REPO / "build" / "demo"
 IMAGE_SIZE = "256M"
 START_TIMEOUT_S = 20.0
+SYNC_SHOW_S = 0.3  # after the promotion: let the full sync start before showing it
 
 
-def step(title: str) -> None:
-    print(f"\n\033[1m== {title}\033[0m", flush=True)
-
-
-def run(*cmd: str) -> str:
-    print("$ " + shlex.join(cmd), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    print((res.stdout + res.stderr).rstrip(), flush=True)
-    if res.returncode:
-        raise SystemExit(f"{cmd[0]} failed with exit status {res.returncode}")
-    return res.stdout
+# --- 1. rblock serve ------------------------------------------------------------------------------
 
 
 def start_server(image: Path) -> tuple[subprocess.Popen, str]:
     out = WORK / "serve.out"
     cmd = [sys.executable, "-m", "rblock", "serve", str(image), "--export", "demo",
            "--create", "--size", IMAGE_SIZE, "--listen", "127.0.0.1:0"]
-    print("$ " + shlex.join(["rblock", *cmd[3:]]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=out.open("w"), stderr=(WORK / "serve.log").open("w"),
-                            cwd=REPO)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        lines = out.read_text().splitlines()
-        if "ready" in lines:
-            return proc, lines[0]
-        if proc.poll() is not None:
-            sys.exit(f"rblock serve failed:\n{(WORK / 'serve.log').read_text()}")
-        time.sleep(0.05)
-    proc.kill()
-    sys.exit("rblock serve did not start")
+    print("$ " + " ".join(["rblock", *map(shown, cmd[3:])]), flush=True)
+    with out.open("w") as o, (WORK / "serve.log").open("w") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, cwd=REPO)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            lines = out.read_text().splitlines()
+            if "ready" in lines:
+                return proc, lines[0]
+            if proc.poll() is not None:
+                sys.exit(f"rblock serve failed:\n{(WORK / 'serve.log').read_text()}")
+            time.sleep(0.05)
+        sys.exit("rblock serve did not start")
+    except BaseException:  # not ready, or Ctrl-C while waiting: stop it by PID
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
 
 
-def main() -> int:
-    WORK.mkdir(parents=True, exist_ok=True)
+def stage_serve() -> None:
     image = WORK / "disk.img"
     image.unlink(missing_ok=True)
     step(f"Serve a fresh sparse {IMAGE_SIZE} image over NBD")
@@ -78,15 +95,104 @@ id=d0,cache.direct=on -device virtio-blk-pci,drive=d0
   libvirt: <disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>
              <source protocol='nbd' name='demo'><host name='{host}' port='{port}'/></source>
              <target dev='vda' bus='virtio'/></disk>
-  run it yourself: .venv/bin/rblock serve {image.relative_to(REPO)} --listen 127.0.0.1:10809""")
+  run it yourself: .venv/bin/rblock serve {shown(image)} --listen 127.0.0.1:10809""")
     finally:
         step("Stop the server (SIGTERM: finish in-flight requests, flush, exit 0)")
         os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(30)
         print(f"rblock serve exited {rc}")
         print((WORK / "serve.log").read_text().rstrip())
-    return rc
+    if rc:
+        sys.exit(f"rblock serve exited {rc}")
+
+
+# --- 2. two nodes -------------------------------------------------------------------------------
+
+
+def stage_replication(c: DemoCluster) -> None:
+    alpha, beta = "alpha", "beta"
+    step(f"A replicated disk: resource {RESOURCE} on nodes alpha and beta "
+         f"({shown(c.config_path)}, a copy of examples/two-nodes.toml)")
+    run("grep", "-E", r"^\[|^(size|protocol|replication|control|nbd|r0) =", c.config_path)
+
+    step("Initialise each node's metadata (and a sparse backing file)")
+    c.create_md()
+
+    step("Start both daemons (each would run in its own terminal, or under systemd)")
+    c.up(alpha)
+    c.up(beta)
+    c.wait_connected()
+    c.rblock(alpha, "status")
+
+    step("First promotion: fresh data needs --force; alpha becomes the full sync's source")
+    c.rblock(alpha, "primary", RESOURCE, "--force")
+    time.sleep(SYNC_SHOW_S)
+    c.rblock(alpha, "status")  # usually mid-sync: SyncSource, percent done, rate, ETA
+    c.wait_synced()
+    c.rblock(alpha, "status")
+
+    step("Only the primary serves the export; the secondary names it")
+    run("qemu-io", "-f", "raw", c.nbd_uri(beta), "-c", "read 0 4k", check=False)
+
+    step("Write through alpha's export: every write is on both nodes before it is answered")
+    run("qemu-io", "-f", "raw", c.nbd_uri(alpha), "-c", "write -P 0xab 0 4M",
+        "-c", "write -f -P 0xcd 100M 1M", "-c", "flush")
+    sums = run("sha256sum", shown(c.disk(alpha)), shown(c.disk(beta))).stdout.split()[0::2]
+    if len(set(sums)) != 1:
+        sys.exit("the two backing files differ")
+    print("the two backing files are identical")
+
+    step("Switch roles: alpha Secondary, beta Primary")
+    c.rblock(alpha, "secondary", RESOURCE)
+    c.rblock(beta, "primary", RESOURCE)
+    step("Read the data back through beta's export")
+    run("qemu-io", "-f", "raw", c.nbd_uri(beta), "-c", "read -P 0xab 0 4M",
+        "-c", "read -P 0xcd 100M 1M", "-c", "read -P 0 200M 1M")
+    c.rblock(beta, "status")
+
+
+# --- 3. the end -------------------------------------------------------------------------------
+
+
+def stage_stop(c: DemoCluster) -> None:
+    step("Stop both nodes (SIGTERM: finish in-flight writes, flush, write the metadata)")
+    for node in list(c.procs):
+        pid = c.procs[node].pid
+        rc = c.stop(node)
+        print(f"$ kill -TERM {pid}    # {node}: exited {rc}")
+        if rc:
+            sys.exit(f"{node} exited {rc}:\n{c.log(node)[-2000:]}")
+    for node in ("alpha", "beta"):
+        print(f"--- {shown(c.log_path(node))} (last lines)")
+        print("\n".join(c.log(node).rstrip().splitlines()[-3:]))
+    print("\nThe walkthrough in README.md (\"A replicated disk: two nodes\") goes on from here: "
+          "verify, invalidate, split brain, TLS.")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the two nodes running at the end (their PIDs are printed)")
+    args = ap.parse_args()
+    # SIGTERM (from `timeout`, say) unwinds like Ctrl-C, so the nodes are still stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    stage_serve()
+    with cluster(WORK / "cluster") as c:
+        stage_replication(c)
+        # Later stages go here and find the cluster running, beta Primary.
+        if args.keep:
+            c.keep()
+        else:
+            stage_stop(c)
+    print(f"\ndemo done in {time.monotonic() - started:.0f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # the stages' `finally` blocks have stopped what they started
+        print("\ninterrupted; every process the demo started is stopped", file=sys.stderr)
+        raise SystemExit(130) from None
