@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -189,6 +190,33 @@ def test_tls_nodes_replicate_random_data_byte_identically(cluster, pki):
     assert "refused" not in alpha_log + beta_log
 
 
+def test_tls_listener_survives_silent_and_garbage_connections(cluster, pki):
+    """The listener peeks at each connection's first byte before TLS: a connection that
+    says nothing is dropped after the authentication timeout, garbage that looks like TLS
+    fails its handshake, other garbage fails the framing; none of it keeps the peer out."""
+    c = cluster(size="64M", protocol="C", tls={"alpha": pki["alpha"], "beta": pki["beta"]})
+    c.create_md()
+    c.up("beta")
+    addr = ("127.0.0.1", c.ports["beta"]["replication"])
+    silent = socket.create_connection(addr)
+    fake_tls = socket.create_connection(addr)
+    fake_tls.sendall(b"\x16\x03\x01\x00\x05hello")
+    http = socket.create_connection(addr)
+    http.sendall(b"GET / HTTP/1.0\r\n" + b"Accept: */*\r\n" * 4 + b"\r\n")
+    try:
+        c.up("alpha")
+        c.wait(lambda: c.peer("alpha")["connection"] == "Connected", timeout_s=10,
+               what="alpha connects past the junk")
+        c.wait(lambda: "nothing received in 5s" in c.log("beta"), timeout_s=10,
+               what="the silent connection dropped")
+        log = c.log("beta")
+        assert "TLS handshake failed" in log, log[-2000:]
+        assert "bad frame magic 0x47455420; frame dropped" in log, log[-2000:]  # "GET "
+    finally:
+        for s in (silent, fake_tls, http):
+            s.close()
+
+
 # --- 2. a certificate the CA did not sign ---------------------------------------------------------
 
 
@@ -233,7 +261,7 @@ def test_tls_and_plain_nodes_refuse_each_other(cluster, pki, tls_node):
     c.up("alpha")
     c.up("beta")
     if tls_node == "alpha":  # a TLS dialer meets a plain listener
-        c.wait(lambda: "opened a TLS handshake, but no resource on this node has tls = true"
+        c.wait(lambda: "it opened a TLS handshake, but no resource on this node has tls = true"
                        in c.log("beta"),
                timeout_s=10, what="beta says the dialer speaks TLS")
         c.wait(lambda: "TLS handshake failed" in c.log("alpha"), timeout_s=10,

@@ -191,10 +191,11 @@ class PeerLink(asyncio.BufferedProtocol):
         except LinkError as e:
             if (self.phase is Phase.HELLO and self.tls_version is None
                     and arena.buf[arena.start] == TLS_RECORD_HANDSHAKE):
-                self.close(f"{self.remote} opened a TLS handshake, but no resource on this node "
-                           "has tls = true; set tls = true for the resource on both nodes, "
-                           "with tls_cert, tls_key and tls_ca on each, or turn it off on the "
-                           "peer", log_level=logging.ERROR)
+                reason = ("it opened a TLS handshake, but no resource on this node has "
+                          "tls = true; set tls = true for the resource on both nodes, with "
+                          "tls_cert, tls_key and tls_ca on each, or turn it off on the peer")
+                log.error("peer link from %s refused: %s", self.remote, reason)
+                self.close(reason, log_level=None)
                 return
             self.close(f"{e}; frame dropped", log_level=logging.ERROR)
             return
@@ -555,30 +556,32 @@ class PeerListener:
         assert self.tls is not None
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        handed_over = False
         try:
             first = await asyncio.wait_for(_peek_byte(sock), AUTH_TIMEOUT_S)
-            if not first:
-                return  # closed before saying anything (a port probe)
-            if first[0] == TLS_RECORD_HANDSHAKE:
-                handed_over = True
-                await loop.connect_accepted_socket(
-                    self.new_link, sock, ssl=self.tls.server,
-                    ssl_handshake_timeout=AUTH_TIMEOUT_S)
-            else:
-                # A plain dialer: its HELLO names the resource, and the route refuses it
-                # (with a REFUSE frame the dialer logs) if that resource wants TLS.
-                handed_over = True
+        except (TimeoutError, OSError) as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                log.warning("peer link from %s dropped: nothing received in %.0fs", remote,
+                            AUTH_TIMEOUT_S)
+            return
+        if not first:
+            sock.close()
+            return  # closed before saying anything (a port probe)
+        # From here the socket belongs to the transport, which closes it on any failure.
+        if first[0] != TLS_RECORD_HANDSHAKE:
+            # A plain dialer: its HELLO names the resource, and the route refuses it (with a
+            # REFUSE frame the dialer logs) if that resource wants TLS.
+            try:
                 await loop.connect_accepted_socket(self.new_link, sock)
-        except TimeoutError:
-            log.warning("peer link from %s dropped: nothing received in %.0fs", remote,
-                        AUTH_TIMEOUT_S)
-        except (ssl.SSLError, OSError) as e:
+            except OSError as e:
+                log.error("peer link from %s failed: %s", remote, e)
+            return
+        try:
+            await loop.connect_accepted_socket(self.new_link, sock, ssl=self.tls.server,
+                                               ssl_handshake_timeout=AUTH_TIMEOUT_S)
+        except (ssl.SSLError, OSError) as e:  # TimeoutError included: a stalled handshake
             log.error("peer link from %s refused: TLS handshake failed: %s", remote,
                       describe_tls_error(e, self.tls.ca))
-        finally:
-            if not handed_over:
-                sock.close()
 
 
 async def _peek_byte(sock: socket.socket) -> bytes:
