@@ -9,9 +9,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# libvirt: one libvirtd per simulated host (tools/libvirt_hosts.py runs them itself, in
+# private mount namespaces; the packages' own services are never needed). libvirt-dev and
+# pkg-config are for building libvirt-python from source in the venv.
 APT_PACKAGES := python3 python3-venv python3-dev gcc openssl \
 	qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio \
-	busybox-static linux-image-amd64 cpio xz-utils iproute2 nftables procps
+	busybox-static linux-image-amd64 cpio xz-utils iproute2 nftables procps \
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config util-linux mount
 
 .PHONY: deps venv test demo bench lint clean
 
