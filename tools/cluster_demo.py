@@ -70,7 +70,8 @@ def run(*cmd: str | Path, check: bool = True, show_as: list[str] | None = None,
     """Run CMD, print `$ CMD` and its output; a failure (when `check`) ends the demo."""
     argv = [str(a) for a in cmd]
     print("$ " + shlex.join(show_as or [shown(a) for a in argv]), flush=True)
-    res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout_s)
+    res = subprocess.run(argv, capture_output=True, text=True, errors="replace", cwd=REPO,
+                         timeout=timeout_s)
     out = (res.stdout + res.stderr).rstrip()
     if out:
         print(out, flush=True)

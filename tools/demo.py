@@ -7,7 +7,11 @@ One function per stage, run in order by main():
    create-md, both daemons up, the first promotion and its full sync, writes through the
    primary's export, both backing files identical, roles switched, the data read back
    through the new primary.
-3. `stage_stop(c)`: SIGTERM to both daemons, their exit status and last log lines.
+3. `stage_guest(c)`: two simulated hypervisor hosts (a libvirtd each, tools/libvirt_hosts.py),
+   hvctl starts a TCG guest whose disk is r0 on alpha, shows its status and rblock's, is
+   refused a second start on beta, moves it to beta (where it reads back what it wrote on
+   alpha) and stops it. Needs root (mount namespaces); skipped with the reason otherwise.
+4. `stage_stop(c)`: SIGTERM to both daemons, their exit status and last log lines.
 
 Stages that need the cluster take it as an argument and leave it running, so a later stage
 slots in before `stage_stop` (a libvirt guest on the primary's export, say). `--keep` leaves
@@ -26,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools` as a package
 
+from tools.build_guest import GuestImage, build_guest  # noqa: E402 -- after the path fix
 from tools.cluster_demo import (  # noqa: E402 -- after the path fix above
     REPO,
     RESOURCE,
@@ -37,6 +42,8 @@ from tools.cluster_demo import (  # noqa: E402 -- after the path fix above
 )
 
 WORK = REPO / "build" / "demo"
+GUEST_DIR = REPO / "build" / "guest"  # built once from Debian's packages, reused afterwards
+GUEST_BOOT_TIMEOUT_S = 90.0
 IMAGE_SIZE = "256M"
 START_TIMEOUT_S = 20.0
 SYNC_SHOW_S = 0.3  # after the promotion: let the full sync start before showing it
@@ -151,7 +158,100 @@ def stage_replication(c: DemoCluster) -> None:
     c.rblock(beta, "status")
 
 
-# --- 3. the end -------------------------------------------------------------------------------
+# --- 3. a guest through libvirt ------------------------------------------------------------------
+
+
+def hvctl(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "hvctl", "--config", config, *args, check=check,
+               show_as=["hvctl", "--config", shown(config), *args], timeout_s=180)
+
+
+def hvctl_config(c: DemoCluster, uris: dict[str, str], guest: GuestImage, marker: str) -> Path:
+    """The cluster file plus each node's libvirt URI, an [hvctl] table and guest vm1."""
+    lines = [ln for ln in c.config_path.read_text().splitlines()
+             if not ln.strip().startswith("libvirt =")]
+    text = "\n".join(lines) + "\n"
+    for node, uri in uris.items():
+        text = text.replace(f"[node.{node}.disk]", f'libvirt = "{uri}"\n[node.{node}.disk]')
+    path = c.dir / "cluster-hvctl.toml"
+    path.write_text(f"""[hvctl]
+state_dir = "../hvctl-state"  # console logs and the KVM probe's cache (kept between runs)
+stop_timeout_s = 20
+
+{text}
+[guest.vm1]
+disks = ["r0"]
+memory = "256M"
+kernel = "{guest.kernel}"
+initrd = "{guest.initrd}"
+# the test guest: print sector 0, write a marker there, then wait for the power button
+cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write={marker} rblock.hold=1"
+""")
+    return path
+
+
+def wait_console(log: Path, text: str, after: int = 0) -> None:
+    deadline = time.monotonic() + GUEST_BOOT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace")[after:]:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"the guest did not print {text!r} within {GUEST_BOOT_TIMEOUT_S:.0f} s")
+
+
+def stage_guest(c: DemoCluster) -> None:
+    from tools.libvirt_hosts import LibvirtHostUnavailable, check_requirements, hosts
+
+    step("A guest on the replicated disk, through libvirt (hvctl)")
+    try:
+        check_requirements()
+    except LibvirtHostUnavailable as e:
+        print(f"skipped: {e}")
+        return
+    image = build_guest(GUEST_DIR)
+    print(f"guest: {shown(image.kernel)} + {shown(image.initrd)} (busybox initramfs; built "
+          "once from Debian's linux-image-amd64 and busybox-static)")
+    step("Two simulated hypervisor hosts on this machine: one libvirtd each, in its own "
+         "mount namespace")
+    with hosts(WORK / "hosts", ["alpha", "beta"]) as hv:
+        for name, host in hv.items():
+            print(f"{name}: {host.uri}")
+        marker = f"written-on-alpha-{int(time.time())}"
+        config = hvctl_config(c, {n: h.uri for n, h in hv.items()}, image, marker)
+        log = WORK / "hvctl-state" / "console" / "vm1.log"
+        log.unlink(missing_ok=True)
+        print(f"hvctl reads the same cluster file plus [hvctl], [guest.vm1] and each node's "
+              f"libvirt URI: {shown(config)}")
+        hvctl(config, "node", "list")
+
+        step("Start vm1 on alpha: r0 goes Primary there (beta hands it over), the domain type "
+             "is probed once (kvm if a KVM guest really boots, else TCG), the guest boots")
+        hvctl(config, "-v", "guest", "start", "vm1", "--on", "alpha")
+        wait_console(log, f"WROTE:{marker}")
+        hvctl(config, "guest", "status", "vm1")
+        c.rblock("alpha", "status")
+        run("grep", "-aE", "WROTE|DISK", shown(log))
+
+        step("It runs on alpha, so starting it on beta is refused")
+        hvctl(config, "guest", "start", "vm1", "--on", "beta", check=False)
+
+        step("Move it to beta: ACPI shutdown on alpha, r0 handed over, boot on beta; the guest "
+             "reads sector 0 first and finds what it wrote on alpha")
+        offset = log.stat().st_size
+        hvctl(config, "guest", "move", "vm1", "beta")
+        wait_console(log, "WROTE:", after=offset)
+        run("sh", "-c", f"tail -c +{offset + 1} {shown(log)} | grep -aE 'PEEK|WROTE'")
+        hvctl(config, "guest", "status", "vm1", "--json")
+        hvctl(config, "guest", "list")
+        c.rblock("beta", "status")
+
+        step("Stop it: ACPI power button, then r0 Secondary on both nodes")
+        hvctl(config, "guest", "stop", "vm1")
+        hvctl(config, "node", "list")
+    print("both libvirt hosts stopped")
+
+
+# --- 4. the end -------------------------------------------------------------------------------
 
 
 def stage_stop(c: DemoCluster) -> None:
@@ -181,7 +281,8 @@ def main() -> int:
     stage_serve()
     with cluster(WORK / "cluster") as c:
         stage_replication(c)
-        # Later stages go here and find the cluster running, beta Primary.
+        stage_guest(c)
+        # Later stages go here and find the cluster running.
         if args.keep:
             c.keep()
         else:
