@@ -214,3 +214,28 @@ domain_type = "qemu"
 
     res = hvctl(cfg, "guest", "status", "vm1", "--json", check=False)
     assert res.returncode == 0 and '"state": "undefined"' in res.stdout
+
+
+def test_stop_destroys_a_guest_that_ignores_acpi(cluster, libvirt_hosts, guest_image) -> None:
+    hv = libvirt_hosts
+    c: Cluster = cluster(size="16M")
+    c.start_fresh()
+    c.rblock("alpha", "secondary", "r0")
+    cfg = hv_config(c, {n: hv[n].uri for n in ("alpha", "beta")}, f"""
+[guest.deaf]
+disks = ["r0"]
+memory = "128M"
+kernel = "{guest_image.kernel}"
+initrd = "{guest_image.initrd}"
+cmdline = "console=ttyS0 acpi=off rblock.hold=1"
+domain_type = "qemu"
+""", "stop_timeout_s = 2")
+    log = c.dir / "hvctl-state" / "console" / "deaf.log"
+    hvctl(cfg, "guest", "start", "deaf")
+    wait_log(log, "GUEST-DONE")
+    res = hvctl(cfg, "guest", "stop", "deaf")
+    assert res.stdout.strip() == "deaf did not power off within 2 s; destroyed on alpha; " \
+                                 "r0 Secondary", res.stdout
+    assert "POWER-BUTTON" not in log.read_text(errors="replace")
+    assert role(c, "alpha") == "Secondary"
+    assert hvctl_json(cfg, "guest", "status", "deaf")["state"] == "stopped"
