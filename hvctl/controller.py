@@ -37,7 +37,7 @@ import libvirt
 from hvctl.config import GuestConfig, HvConfig
 from hvctl.domain import DomainSpec, NbdDisk, parse_xml
 from hvctl.probe import Prober, ProbeResult
-from hvctl.virt import LifecycleEvent, NodeVirt, VirtError
+from hvctl.virt import EVENT_QUEUE_MAX, LifecycleEvent, NodeVirt, VirtError
 from rblock.config import ConfigError
 from rblock.control import ControlClient, ControlError
 
@@ -277,22 +277,29 @@ class Controller:
             note = await self._release_where_primary(g)
             return f"{name} is not running" + (f"; {note}" if note else "")
         node = p.active[0]
+        how = await self._power_off(g, node, timeout_s, hard)
+        return f"{name} {how} on {node}; {', '.join(g.disks)} Secondary"
+
+    async def _power_off(self, g: GuestConfig, node: str, timeout_s: float | None,
+                         hard: bool) -> str:
+        """Stop G on NODE (ACPI first unless HARD), then its resources Secondary there.
+        Returns how it went, for the user."""
         virt = self.virt(node)
-        dom = virt.lookup(name)
-        assert dom is not None
+        dom = virt.lookup(g.name)
         how = "destroyed"
-        if not hard:
-            wait_s = g.stop_timeout_s if timeout_s is None else timeout_s
-            if await virt.shutdown(dom, wait_s):
-                how = "shut down (ACPI)"
-            else:
-                how = f"did not power off within {wait_s:g} s; destroyed"
-                log.warning("%s on %s %s", name, node, how)
-        await virt.destroy(dom)
+        if dom is not None:
+            if not hard:
+                wait_s = g.stop_timeout_s if timeout_s is None else timeout_s
+                if await virt.shutdown(dom, wait_s):
+                    how = "shut down (ACPI)"
+                else:
+                    how = f"did not power off within {wait_s:g} s; destroyed"
+                    log.warning("%s on %s %s", g.name, node, how)
+            await virt.destroy(dom)
         failed = await self._release(g, node, list(g.disks))
         if failed:
-            raise HvError(f"{name} stopped on {node}, but " + "; ".join(failed))
-        return f"{name} {how} on {node}; {', '.join(g.disks)} Secondary"
+            raise HvError(f"{g.name} stopped on {node}, but " + "; ".join(failed))
+        return how
 
     async def _release_where_primary(self, g: GuestConfig) -> str:
         """A guest that is not running holds no resource Primary (it may have powered off by
@@ -322,8 +329,11 @@ class Controller:
             await self.define(name, to)
             return f"{name} was not running; now defined on {to} (start it with " \
                    f"'hvctl guest start {name}')"
+        if len(p.active) > 1:
+            raise HvError(f"guest {name} is active on {', '.join(p.active)} at once; destroy it "
+                          f"on all but one node with virsh and check its disks")
         src = p.active[0]
-        stopped = await self.stop(name, timeout_s)
+        how = await self._power_off(g, src, timeout_s, hard=False)
         try:
             await self._start_on(g, to, self.locate(g))
         except HvError as e:
@@ -332,7 +342,7 @@ class Controller:
             except HvError as e2:
                 raise HvError(f"{e}; starting it back on {src} failed too: {e2}") from None
             raise HvError(f"{e}; {name} runs on {src} again") from None
-        return f"{name} moved from {src} to {to} ({stopped.split('; ')[0].split(' ', 1)[1]})"
+        return f"{name} moved from {src} to {to} ({how} on {src})"
 
     # --- define, undefine -----------------------------------------------------------------------
 
@@ -442,8 +452,17 @@ class Controller:
         return [await self.node_status(n) for n in self.cfg.cluster.nodes]
 
     async def events(self) -> AsyncIterator[LifecycleEvent]:
-        queues = {n: v.subscribe() for n, v in self.virts.items()}
-        merged: asyncio.Queue = asyncio.Queue()
+        queues = {}
+        for n, v in self.virts.items():
+            try:
+                queues[n] = v.subscribe()
+            except VirtError as e:
+                if len(self.virts) == 1:
+                    raise
+                log.warning("%s; events from the other nodes follow", e)
+        if not queues:
+            raise HvError("no node's libvirt can be reached; nothing to follow")
+        merged: asyncio.Queue = asyncio.Queue(EVENT_QUEUE_MAX)  # full: the pumps wait
 
         async def pump(q: asyncio.Queue) -> None:
             while True:
