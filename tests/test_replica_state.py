@@ -48,6 +48,30 @@ def test_a_sync_source_always_has_consistent_data(a, b):
         assert b.consistent
 
 
+@given(a=sides("alpha"), b=sides("beta"))
+def test_an_inconsistent_node_next_to_a_consistent_one_is_synced_from_it(a, b):
+    """Whatever the UUIDs say (short of unrelated data or no data at all), an Inconsistent
+    node connected to a consistent one of the same lineage becomes its sync target: it must
+    never end up connected with nothing flowing ("no node has consistent data")."""
+    assume({a.disk, b.disk} & {Disk.INCONSISTENT} and a.consistent != b.consistent)
+    d = decide(a, b)
+    assume(d.sync not in (Sync.UNRELATED, Sync.NO_DATA))
+    assume(not (a.consistent and a.gen.fresh) and not (b.consistent and b.gen.fresh))
+    if a.consistent:
+        assert d.sync in (Sync.BITMAP_SOURCE, Sync.FULL_SOURCE), d
+    else:
+        assert d.sync in (Sync.BITMAP_TARGET, Sync.FULL_TARGET), d
+
+
+@given(a=sides("alpha"), b=sides("beta"))
+def test_no_sync_only_when_nothing_is_out_of_sync(a, b):
+    """The resource asserts this when a connect decides "no sync": Established with blocks
+    out of sync and nothing syncing them must come from a visible decision, never this one."""
+    if decide(a, b).sync is Sync.NONE:
+        assert a.out_of_sync_blocks == 0 and b.out_of_sync_blocks == 0
+        assert a.consistent and b.consistent
+
+
 def side(node, gen, disk=Disk.UPTODATE, **kw):
     return Side(node, gen, disk, **kw)
 
@@ -135,3 +159,32 @@ def test_promotion_rules():
     assert r.ok and r.forced_fresh
     r = promote(disk=Disk.OUTDATED, conn=Conn.CONNECTING, peer_role=Role.UNKNOWN)
     assert not r.ok and "Outdated" in r.reason
+
+
+def test_invalidated_primary_resyncs_from_its_peer_after_a_reconnect():
+    """The bug of issue 3: 'rblock invalidate' on a connected primary, then the link drops
+    (the primary starts a new generation, as any primary losing its peer does): the
+    secondary's data is the good one, and the bitmaps say what to copy."""
+    g = Generation(0x10001)
+    primary = side("alpha", g.rotated(0x20002), Disk.INCONSISTENT, role=Role.PRIMARY,
+                   out_of_sync_blocks=1000)
+    secondary = side("beta", g)
+    d = decide(primary, secondary)
+    assert d.sync is Sync.BITMAP_TARGET, d
+    assert d.rule == "disk-states after bitmap-from-current"
+    assert decide(secondary, primary).sync is Sync.BITMAP_SOURCE
+
+
+def test_invalidated_node_after_a_split_brain_gets_a_full_sync():
+    g = Generation(0x10001)
+    a = side("a", g.rotated(0x20002))
+    b = side("b", g.rotated(0x30003), Disk.INCONSISTENT)  # invalidated: its changes go
+    assert decide(a, b).sync is Sync.FULL_SOURCE
+    assert decide(b, a).sync is Sync.FULL_TARGET
+
+
+def test_two_inconsistent_nodes_still_have_no_good_data():
+    g = Generation(0x10001)
+    a = side("a", g.rotated(0x20002), Disk.INCONSISTENT)
+    b = side("b", g, Disk.INCONSISTENT)
+    assert decide(a, b).sync is Sync.NO_GOOD_DATA

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import subprocess
 import sys
 import threading
@@ -434,6 +435,111 @@ def test_invalidate_resyncs_everything_from_the_peer(cluster):
     assert (rb["role"], rb["disk"]) == ("Secondary", "UpToDate")
     assert c.files_identical()
     assert read_file(c.disk("beta"), 0, 4 * MIB) == data
+
+
+def test_invalidate_on_the_connected_primary_under_client_io(cluster):
+    """'rblock invalidate' on the Primary while a client reads and writes through its NBD
+    export: the Primary stays connected and becomes SyncTarget of the whole disk; reads of
+    blocks not resynced yet come from beta (alpha's own copies are junk here), writes go on,
+    and every read returns what was last written. At the end both files are identical."""
+    size = 128 * MIB
+    c = cluster(size="128M")
+    c.start_fresh()
+    model = bytearray(os.urandom(size))
+    write_through(c, "alpha", 0, bytes(model))
+    c.wait_synced()
+    # Junk in alpha's file behind the daemon's back: 1 MiB in every 4 MiB. Only the resync
+    # from beta (or a remote read) gives these blocks back.
+    junk_blocks = [b for mib in range(0, size // MIB, 4) for b in
+                   range(mib * MIB // BLOCK, (mib + 1) * MIB // BLOCK)]
+    fd = os.open(c.disk("alpha"), os.O_WRONLY)
+    try:
+        for mib in range(0, size // MIB, 4):
+            assert os.pwrite(fd, os.urandom(MIB), mib * MIB) == MIB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert not c.files_identical()
+
+    invalidated = threading.Event()
+    stop = threading.Event()
+    errors: list[str] = []
+    op_times: list[float] = []
+
+    def client() -> None:
+        rng = random.Random(7)
+        h = connect(c, "alpha")
+        try:
+            while not stop.is_set():
+                n = rng.choice((1, 1, 1, 16))  # blocks; 64 KiB requests span synced and not
+                if rng.random() < 0.5:
+                    block = rng.choice(junk_blocks)  # alpha's copy is junk until resynced
+                else:
+                    block = rng.randrange(size // BLOCK - n)
+                block = min(block, size // BLOCK - n)
+                off, length = block * BLOCK, n * BLOCK
+                if rng.random() < 0.4:
+                    data = os.urandom(length)
+                    h.pwrite(data, off)
+                    model[off:off + length] = data
+                else:
+                    got = h.pread(length, off)
+                    touches_junk = any(b in junk_set for b in range(block, block + n))
+                    if (invalidated.is_set() or not touches_junk) and \
+                            got != model[off:off + length]:
+                        errors.append(f"read at {off}+{length} returned wrong data "
+                                      f"(invalidated: {invalidated.is_set()})")
+                        return
+                if invalidated.is_set():
+                    op_times.append(time.monotonic())
+            h.flush()
+        except Exception as e:  # noqa: BLE001 -- reported by the test thread
+            errors.append(f"client failed: {e!r}")
+        finally:
+            h.shutdown()
+
+    junk_set = set(junk_blocks)
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    time.sleep(0.5)  # the client is running
+    log_before = len(c.log("alpha"))
+    res = c.rblock("alpha", "invalidate", "r0")
+    invalidated.set()
+    assert "invalidated" in res.stdout
+    syncing: list[float] = []  # when alpha was seen as SyncTarget
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not errors:
+        p = api_status(c, "alpha")["resources"][0]["peers"][0]
+        if p["replication"] == "SyncTarget":
+            syncing.append(time.monotonic())
+        elif syncing and p["replication"] == "Established":
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)  # the client keeps going after the resync
+    stop.set()
+    t.join(30)
+    assert not t.is_alive()
+    assert not errors, errors
+    c.wait_synced()
+
+    log = c.log("alpha")[log_before:]
+    assert "disk UpToDate -> Inconsistent" in log, log
+    assert "replication Established -> SyncTarget" in log, log
+    assert "resync from beta finished" in log, log
+    assert "connection Connected" not in log, log  # the link stayed up throughout
+    for node in ("alpha", "beta"):
+        assert "no node has consistent data" not in c.log(node)
+        assert "no resync running" not in c.log(node)
+    assert "SyncSource" in c.log("beta")
+    assert syncing, "alpha was never seen as SyncTarget"
+    during = [x for x in op_times if syncing[0] <= x <= syncing[-1]]
+    assert during, (f"no client I/O completed during the resync ({len(op_times)} ops after "
+                    f"the invalidate, SyncTarget seen for {syncing[-1] - syncing[0]:.3f} s)")
+    ra = c.res("alpha")
+    assert (ra["role"], ra["disk"]) == ("Primary", "UpToDate")
+    assert c.files_identical()
+    assert read_file(c.disk("alpha"), 0, size) == model
+    assert read_through(c, "alpha", 0, size) == model
 
 
 def test_invalidate_refused_on_a_disconnected_primary(cluster):

@@ -130,6 +130,9 @@ class Resource(BlockDevice):
         self._al_lock = asyncio.Lock()
         self._writes_inflight: dict[int, tuple[int, int]] = {}  # token -> (start, end)
         self._rs_reads: dict[int, tuple[int, int, asyncio.Event]] = {}
+        # Primary SyncTarget: resync requests sent, not yet applied -> release of their range
+        self._rs_locks: dict[int, Callable[[], None]] = {}
+        self._invalidating = False  # an invalidate waits for the peer to apply every write
         self._sweep: SweepPlanner | None = None
         self._sweep_kind = ""  # "resync" or "verify"
         self._sweep_task: asyncio.Task | None = None
@@ -186,7 +189,7 @@ class Resource(BlockDevice):
         n = len(data)
         await self._replicated(offset, n, lambda: self.volume.write(offset, data, fua),
                                lambda w: Frame(T.DATA, wire.FLAG_FUA if fua else 0, w.seq,
-                                               offset, w.epoch, data))
+                                               offset, w.epoch, data), in_sync_after=True)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         self._require_primary()
@@ -225,7 +228,7 @@ class Resource(BlockDevice):
         return await self.volume.extents(offset, length)
 
     async def _replicated(self, offset: int, length: int, local: Callable, frame: Callable,
-                          local_first: bool = False) -> None:
+                          local_first: bool = False, in_sync_after: bool = False) -> None:
         if not self._settled.is_set():
             await self._settled.wait()  # a connect handshake decides where this write goes
         token = self._new_id()
@@ -242,6 +245,12 @@ class Resource(BlockDevice):
             await self._al_guard(extents)
             link = self._replicating_link()
             if link is None:
+                if self.disk is not Disk.UPTODATE:
+                    # The good data is on the peer (this node is an interrupted SyncTarget):
+                    # a write here alone would be overwritten by the resync at reconnect.
+                    raise DeviceError(errno.EIO, f"{self.name}: the disk on {self.node} is "
+                                                 f"{self.disk.value} and {self.peer_node}, "
+                                                 f"which has the good data, is not connected")
                 self.meta.bitmap.set_range(offset, length)  # the peer misses this write
                 await local()
                 return
@@ -249,7 +258,7 @@ class Resource(BlockDevice):
                 await local()
             w = self.tracker.submit(offset, length)
             waiter = None
-            if self.cfg.protocol != "A":
+            if self.cfg.protocol != "A" or self._needs_apply_ack():
                 waiter = self._acks[w.seq] = asyncio.get_running_loop().create_future()
             self.counters.pending_writes += 1
             self.counters.unacked_bytes += length
@@ -257,11 +266,26 @@ class Resource(BlockDevice):
             if not local_first:
                 await local()
             if waiter is not None:
-                await waiter
+                applied = await waiter
+                if not applied and self.disk is not Disk.UPTODATE:
+                    # Not on the peer, and the resync will overwrite it here: a failed write.
+                    raise DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not "
+                                                 f"confirm a write at {offset} and the disk on "
+                                                 f"{self.node} is {self.disk.value}")
+                if applied and in_sync_after and self.repl is Repl.SYNC_TARGET:
+                    # Written here and applied on the source: these blocks need no resync,
+                    # and reads of them may stay local.
+                    self.meta.bitmap.clear_range(offset, length)
         finally:
             self.meta.al_unpin(extents)
             del self._writes_inflight[token]
             self.tracker.close_epoch()
+
+    def _needs_apply_ack(self) -> bool:
+        """Whether a write may complete only once the peer has applied it, whatever the
+        protocol: while this node's disk is not UpToDate (or is about to stop being), the
+        peer's copy is the only good one, and a write it lacks would be lost to the resync."""
+        return self.disk is not Disk.UPTODATE or self._invalidating
 
     def _replicating_link(self) -> PeerLink | None:
         link = self.link
@@ -377,6 +401,9 @@ class Resource(BlockDevice):
         self._acks.clear()
         self._flushes.clear()
         self._stop_sweep()
+        for release in list(self._rs_locks.values()):
+            release()  # guest writes waiting on a resync answer go on (or fail: no peer)
+        self._rs_locks.clear()
         was_replicating = self.repl is not Repl.OFF
         self._set("replication", Repl.OFF)
         self._set("peer-role", Role.UNKNOWN)
@@ -407,6 +434,7 @@ class Resource(BlockDevice):
             self._peer_state = side
             if self.repl is Repl.VERIFY_TARGET and not body.get("verify"):
                 self._set("replication", Repl.ESTABLISHED)
+                self._audit_established("verify found differences")
             self._set("peer-role", side.role)
             self._set("peer-disk", side.disk)
             self.peer_gen = side.gen
@@ -462,12 +490,36 @@ class Resource(BlockDevice):
             self._set("peer-disk", Disk.INCONSISTENT)
             self.counters.reset_resync(self.meta.bitmap.count())
         elif d.sync is Sync.NONE:
+            # The table says "no sync" only when neither side has a block out of sync
+            # (rule same-current; tested with hypothesis): anything else is a bug in it.
+            assert local.out_of_sync_blocks == 0 and peer.out_of_sync_blocks == 0, \
+                f"{d} with {local.out_of_sync_blocks} + {peer.out_of_sync_blocks} blocks " \
+                f"out of sync"
             self._set("replication", Repl.ESTABLISHED)
             if self.crashed_primary:
                 self.crashed_primary = False
         else:  # NO_DATA / NO_GOOD_DATA: connected, nothing flows until someone has data
             self._set("replication", Repl.ESTABLISHED)
+            self._audit_established(str(d), peer.out_of_sync_blocks)
         self._settled.set()
+
+    def _audit_established(self, why: str, peer_blocks: int = 0) -> None:
+        """Established means writes flow and no resync runs, so blocks still marked out of
+        sync then stay different until the next connect. That is legitimate after a verify
+        (as in DRBD, the operator reconnects to resync what it found) or a write the peer
+        failed to apply, and unavoidable when no node has consistent data, but it must never
+        pass unnoticed: this state, logged as a plain decision, is how 'rblock invalidate'
+        on a primary once left a whole disk out of sync with nothing syncing. An error in
+        the log and an event, not an assertion: the data is still there to be repaired."""
+        blocks = self.meta.bitmap.count()
+        if self.repl is not Repl.ESTABLISHED or not (blocks or peer_blocks):
+            return
+        log.error("%s: Established with %s, with %d blocks (%d bytes) out of sync here and "
+                  "%d on %s, and no resync running (%s): they stay different until a resync; "
+                  "run 'rblock disconnect %s' and 'rblock connect %s' once a node has good data",
+                  self.name, self.peer_node, blocks, blocks * BLOCK_BYTES, peer_blocks,
+                  self.peer_node, why, self.name, self.name)
+        self._emit(Event(self.name, "out-of-sync", "", str(blocks * BLOCK_BYTES), why))
 
     # --- resync: the target drives ----------------------------------------------------------
 
@@ -521,7 +573,20 @@ class Resource(BlockDevice):
                 delay = self._rate.delay_s(loop.time(), length)
                 if delay:
                     await asyncio.sleep(delay)
-                data = await self.volume.read(offset, length)
+                if request is T.RS_REQUEST and self.role is Role.PRIMARY:
+                    # A primary SyncTarget (after 'rblock invalidate') takes guest writes
+                    # during the resync. The request goes out once every guest write to the
+                    # range has completed (so the source has applied it: such writes wait
+                    # for the peer's apply ack), and later guest writes to the range wait
+                    # until the answer is applied here (_sweep_answer releases the range),
+                    # so an answer never overwrites a newer guest write.
+                    data, release = await self._rs_read_locked(offset, length)
+                    self._rs_locks[rid] = release
+                    if not link.up:
+                        self._rs_locks.pop(rid)()
+                        return
+                else:
+                    data = await self.volume.read(offset, length)
                 link.send([Frame(request, 0, rid, offset, length, _block_crcs(data))])
                 self._maybe_flush_bitmap()
             await self._sweep_finished()
@@ -531,6 +596,9 @@ class Resource(BlockDevice):
             log.exception("%s: %s stopped", self.name, self._sweep_kind)
 
     def _sweep_answer(self, rid: int) -> None:
+        release = self._rs_locks.pop(rid, None)
+        if release is not None:
+            release()
         if self._sweep is not None and rid in self._sweep.inflight:
             self._sweep.done(rid)
         if getattr(self, "_sweep_wakeup", None) is not None:
@@ -545,6 +613,7 @@ class Resource(BlockDevice):
             log.info("%s: verify done: %d blocks differ (marked out of sync; disconnect and "
                      "connect to resync them)", self.name, self._verify_found)
             self._set("replication", Repl.ESTABLISHED)
+            self._audit_established("verify found differences")
             if link is not None and link.up:  # a STATE without "verify" ends it on the target
                 link.send(wire.encode_json(T.STATE, self._local_side().to_json()))
             await self._flush_bitmap()
@@ -563,6 +632,7 @@ class Resource(BlockDevice):
         await self._flush_bitmap()
         link.send(wire.encode_json(T.SYNC_DONE, {"gen": self.gen.to_json()}))
         self._set("replication", Repl.ESTABLISHED)
+        self._audit_established("blocks marked again after the resync")
         self._emit(Event(self.name, "sync-done", "", "target"))
         log.info("%s: resync from %s finished", self.name, self.peer_node)
 
@@ -780,7 +850,7 @@ class Resource(BlockDevice):
 
     # --- primary: acks and remote reads --------------------------------------------------------
 
-    def _on_write_ack(self, link: PeerLink, f: Frame) -> None:
+    def _on_write_ack(self, link: PeerLink, f: Frame, applied: bool = True) -> None:
         w = self.tracker.acked(f.id)
         if w is not None:
             self.counters.pending_writes -= 1
@@ -788,10 +858,12 @@ class Resource(BlockDevice):
             self.counters.sent_bytes += w.length
         fut = self._acks.pop(f.id, None)
         if fut is not None and not fut.done():
-            fut.set_result(True)
+            fut.set_result(applied)
 
     def _on_recv_ack(self, link: PeerLink, f: Frame) -> None:
         self.tracker.received(f.id)
+        if self._needs_apply_ack():
+            return  # the WRITE_ACK that follows completes it
         fut = self._acks.pop(f.id, None)
         if fut is not None and not fut.done():
             fut.set_result(True)
@@ -802,7 +874,8 @@ class Resource(BlockDevice):
             self.meta.bitmap.set_range(w.offset, w.length)  # the peer could not apply it
             log.warning("%s: %s failed to apply a write at %d (errno %d); marked out of sync",
                         self.name, link.peer_node, w.offset, f.aux)
-        self._on_write_ack(link, f)
+        self._on_write_ack(link, f, applied=False)
+        self._audit_established(f"{link.peer_node} failed to apply a write")
 
     def _on_flush_ack(self, link: PeerLink, f: Frame) -> None:
         fut = self._flushes.pop(f.id, None)
@@ -898,15 +971,83 @@ class Resource(BlockDevice):
             self._set("connection", Conn.CONNECTING)
 
     async def invalidate(self) -> None:
-        """Throw away this node's data: everything is resynced from the peer."""
-        if self.role is Role.PRIMARY and (self.link is None or not self.link.up):
-            raise ResourceError(f"{self.name} is Primary on {self.node} and has no peer to "
-                                f"read from; connect it first")
+        """Throw away this node's data: everything is resynced from the peer.
+
+        A Secondary marks everything out of sync and reconnects: the connect decision makes
+        it the SyncTarget (it serves no client, so the short disconnect costs nothing, and a
+        disconnected Secondary is handled the same way). A Primary must keep its link: its
+        clients' reads of blocks not yet resynced are served by the peer, and their writes
+        must reach the peer, whose copy is the good one from now on. So it turns into a
+        SyncTarget on the live link, as DRBD does (`_invalidate_primary`)."""
+        if self.role is Role.PRIMARY:
+            await self._invalidate_primary()
+            return
         self.meta.bitmap.set_range(0, self.size_bytes)
         self._set_disk(Disk.INCONSISTENT)
         await self._flush_bitmap()
         if self.link is not None:
             self.link.close("invalidated: resync from the peer")
+
+    async def _invalidate_primary(self) -> None:
+        link = self.link
+        if link is None or not link.up:
+            raise ResourceError(f"{self.name} is Primary on {self.node} and has no peer to "
+                                f"read from; connect it first")
+        if self.repl is not Repl.ESTABLISHED or self.peer_disk is not Disk.UPTODATE:
+            raise ResourceError(f"{self.name}: replication with {self.peer_node} is "
+                                f"{self.repl.value} and its disk {self.peer_disk.value}; "
+                                f"invalidate once it is Established and UpToDate")
+        # With protocols A and B, the client may have been answered before the peer applied
+        # a write. Once this disk is Inconsistent the peer's copy is the only good one, so it
+        # must first hold every write answered so far; writes from now on wait for it.
+        self._invalidating = True
+        try:
+            last_seq = self.tracker.next_seq - 1
+            while link.up and self.tracker.pending:
+                if next(iter(self.tracker.pending)) > last_seq:
+                    break
+                await asyncio.sleep(0.001)
+            if not link.up or self.repl is not Repl.ESTABLISHED:
+                raise ResourceError(f"{self.name}: lost {self.peer_node} while invalidating; "
+                                    f"nothing was changed, try again once it is connected")
+            self.meta.bitmap.set_range(0, self.size_bytes)
+            self._set_disk(Disk.INCONSISTENT, persist=False)
+        finally:
+            self._invalidating = False
+        self._set("replication", Repl.SYNC_TARGET)
+        blocks = self.meta.bitmap.count()
+        self.counters.reset_resync(blocks)
+        link.send(wire.encode_json(T.INVALIDATE, self._local_side().to_json()))
+        log.info("%s: invalidated on %s (Primary): resync from %s: %d blocks (%d bytes); "
+                 "reads of blocks not resynced yet are served by %s", self.name, self.node,
+                 self.peer_node, blocks, blocks * BLOCK_BYTES, self.peer_node)
+        # Durable before the first resync block lands: after a crash from here on, this
+        # node must come back Inconsistent, not as the good copy of a half-copied disk.
+        await self._persist()
+        await self._flush_bitmap()
+        if self.link is link and link.up and self.repl is Repl.SYNC_TARGET:
+            self._start_sweep("resync", SweepPlanner(self._nblocks, self.meta.bitmap.next_run))
+
+    def _on_invalidate(self, link: PeerLink, f: Frame) -> None:
+        """The peer (a Primary) invalidated its disk: this node becomes its SyncSource."""
+        side = Side.from_json(f.json())
+        if self.role is Role.PRIMARY:
+            link.refuse("both nodes are Primary")
+            return
+        if self.disk is not Disk.UPTODATE or self.repl in (Repl.SYNC_SOURCE, Repl.SYNC_TARGET):
+            # Let the connect decision sort it out (and say so in the log).
+            link.close(f"{link.peer_node} invalidated its disk, but this node cannot be its "
+                       f"source now ({self.disk.value}, {self.repl.value})")
+            return
+        self._stop_sweep()  # a verify gives way
+        self._peer_state = side
+        self.peer_gen = side.gen
+        self.meta.bitmap.set_range(0, self.size_bytes)
+        self._set("peer-disk", side.disk)
+        self._set("replication", Repl.SYNC_SOURCE)
+        self.counters.reset_resync(self.meta.bitmap.count())
+        log.info("%s: %s invalidated its disk: resync to it from here, %d blocks", self.name,
+                 link.peer_node, self.meta.bitmap.count())
 
     # --- persistence, events, status --------------------------------------------------------
 
@@ -1014,5 +1155,6 @@ _HANDLERS: dict[T, Callable[[Resource, PeerLink, Frame], None]] = {
     T.VERIFY_REQUEST: Resource._on_verify_request,
     T.VERIFY_REPLY: Resource._on_verify_reply,
     T.SYNC_DONE: Resource._on_sync_done,
+    T.INVALIDATE: Resource._on_invalidate,
     T.DISCONNECT: Resource._on_disconnect,
 }

@@ -17,7 +17,9 @@ When two nodes connect, `decide(local, peer)` compares their UUIDs through the r
 way, split brain (both wrote since they parted: refuse, never merge), or unrelated data.
 The table is symmetric: `decide(a, b)` and `decide(b, a)` always agree on the direction, so
 both nodes reach the same decision without another round trip (tested with hypothesis).
-Every decision carries the name of the rule that made it, for the log.
+Every decision carries the name of the rule that made it, for the log. When the UUIDs leave
+no usable direction but exactly one disk is Inconsistent, the disk states decide (as in
+DRBD): the consistent node is the source, so an invalidated node always gets its data back.
 
 `check_promote` says whether a node may become primary, and why not.
 """
@@ -276,10 +278,39 @@ RULES: list[tuple[str, Callable[[Side, Side], Sync | None]]] = [
 ]
 
 
+# Rules after which the two data sets are known to differ only where the bitmaps say: a sync
+# decided by disk states may then copy just those blocks (the others need the whole disk).
+_BITMAP_RULES = ("same-current", "bitmap-from-current")
+
+
+def _by_disk_states(a: Side, b: Side, sync: Sync, rule: str) -> Sync | None:
+    """DRBD's "Becoming sync source/target due to disk states": when exactly one node is
+    Inconsistent and the UUIDs found no usable direction (NO_GOOD_DATA: the inconsistent one
+    holds the newer generation; SPLIT_BRAIN: both moved on), the consistent node is the
+    source. An Inconsistent disk holds no complete image of any generation, so there is
+    nothing on it to keep; this is how an invalidated node (`rblock invalidate`) and a
+    primary whose resync from the peer was interrupted get their data back. The
+    inconsistent node's bitmap holds every block it changed or has not received (bits are
+    only cleared for blocks equal on both nodes), so after a bitmap rule the union of both
+    bitmaps covers every difference. Unrelated data (no rule matched) stays refused: it may
+    be the wrong peer."""
+    if sync not in (Sync.NO_GOOD_DATA, Sync.SPLIT_BRAIN):
+        return None
+    if a.consistent == b.consistent or Disk.INCONSISTENT not in (a.disk, b.disk):
+        return None
+    if (a.gen.fresh and a.consistent) or (b.gen.fresh and b.consistent):
+        return None  # a "consistent" fresh disk holds nothing to copy (not a real state)
+    bitmap = sync is Sync.NO_GOOD_DATA and rule in _BITMAP_RULES
+    return _source_if(a.consistent, bitmap=bitmap)
+
+
 def decide(local: Side, peer: Side) -> Decision:
     for name, rule in RULES:
         sync = rule(local, peer)
         if sync is not None:
+            by_disks = _by_disk_states(local, peer, sync, name)
+            if by_disks is not None:
+                return Decision(by_disks, f"disk-states after {name}")
             return Decision(sync, name)
     return Decision(Sync.UNRELATED, "no-match")
 

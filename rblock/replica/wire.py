@@ -61,6 +61,7 @@ class T(enum.IntEnum):
     VERIFY_REQUEST = 26  # id, offset, aux: length, payload: u32 crc32c
     VERIFY_REPLY = 27  # id, offset, aux: 1 same, 0 different; payload: u64 length
     SYNC_DONE = 28  # json: the source's generation UUIDs
+    INVALIDATE = 29  # json: the sender's STATE; it invalidated its disk and is now SyncTarget
     PING = 30
     PONG = 31
     DISCONNECT = 32  # json: reason
