@@ -11,7 +11,11 @@ follow each other in it.
 from __future__ import annotations
 
 import os
+import pty
 import re
+import select
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +62,47 @@ def wait_log(path: Path, pattern: str, after: int = 0, timeout_s: float = BOOT_T
             return text
         time.sleep(0.1)
     raise AssertionError(f"{pattern!r} not in the console log after {timeout_s:g} s:\n{text}")
+
+
+def interactive_console(config: Path, guest: str, timeout_s: float = 30.0) -> str:
+    """`hvctl guest console GUEST` on a pseudo-terminal: wait for virsh to attach, leave with
+    Ctrl+], return what was printed. Fails if it does not exit 0."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: hvctl, which execs virsh on the same terminal
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "hvctl", "--config", str(config),
+                                  "guest", "console", guest])
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    sent = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not sent and b"Escape character" in out:
+                os.write(fd, b"\x1d")  # Ctrl+]
+                sent = True
+        while True:  # never hang the suite on a console that does not let go
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the console did not exit:\n{out.decode(errors='replace')}")
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert sent and os.waitstatus_to_exitcode(status) == 0, text
+    return text
 
 
 def domains(hv, node: str) -> list[str]:
@@ -135,6 +180,9 @@ cmdline = "{cmdline}"
     assert st["disks"][0]["nbd"] == f"nbd://127.0.0.1:{c.ports['beta']['nbd']}/r0"
     res = hvctl(cfg, "guest", "start", "vm1", "--on", "alpha", check=False)
     assert res.returncode == 1 and "already runs on beta" in res.stderr
+
+    transcript = interactive_console(cfg, "vm1")
+    assert "Connected to domain" in transcript and "vm1 on beta" in transcript, transcript
 
     listing = hvctl(cfg, "guest", "list").stdout
     assert re.search(r"vm1\s+running\s+beta\s+qemu\s+r0\(Primary\)", listing), listing
