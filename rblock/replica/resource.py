@@ -343,7 +343,7 @@ class Resource(BlockDevice):
         try:
             while any(t in self._writes_inflight for t in earlier):
                 await asyncio.sleep(0.001)
-            return await self.volume.read(offset, length), release
+            return await self.volume.read_once(offset, length), release
         except BaseException:
             release()
             raise
@@ -586,7 +586,7 @@ class Resource(BlockDevice):
                         self._rs_locks.pop(rid)()
                         return
                 else:
-                    data = await self.volume.read(offset, length)
+                    data = await self.volume.read_once(offset, length)
                 link.send([Frame(request, 0, rid, offset, length, _block_crcs(data))])
                 self._maybe_flush_bitmap()
             await self._sweep_finished()
@@ -720,7 +720,7 @@ class Resource(BlockDevice):
 
     def _on_verify_request(self, link: PeerLink, f: Frame) -> None:
         async def answer() -> None:
-            data = await self.volume.read(f.offset, f.aux)
+            data = await self.volume.read_once(f.offset, f.aux)
             mine, theirs = _block_crcs(data), bytes(f.payload)
             differ = 0
             for i in range(len(mine) // 4):
