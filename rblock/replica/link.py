@@ -112,6 +112,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._reading = True
+        self._ack_runs: list[list[int]] = []  # [first seq, count] of acks not sent yet
         self.sent_bytes = 0
         self.received_bytes = 0
         self.tls_version: str | None = None  # "TLSv1.3" on a TLS link, None on a plain one
@@ -122,6 +123,7 @@ class PeerLink(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._out = SendCoalescer(transport)
+        self._out.prepare = self._emit_acks_if_any
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -178,15 +180,18 @@ class PeerLink(asyncio.BufferedProtocol):
     def _process(self) -> None:
         arena = self._arena
         size = 0
+        buf = arena.buf
+        view = memoryview(buf)
         try:
             while self._reading and self.phase is not Phase.CLOSED:
-                size = wire.frame_size(arena.buf, arena.start, arena.end) or 0
-                got = wire.decode(arena.buf, arena.start, arena.end)
+                if arena.buf is not buf:  # a nested _process (resume) moved to a new arena
+                    buf = arena.buf
+                    view = memoryview(buf)
+                got = wire.decode(buf, arena.start, arena.end, view)
                 if got is None:
+                    size = wire.frame_size(buf, arena.start, arena.end) or 0
                     break
-                frame, nxt = got
-                arena.take(nxt - arena.start)
-                size = 0
+                frame, arena.start = got
                 self._dispatch(frame)
         except LinkError as e:
             if (self.phase is Phase.HELLO and self.tls_version is None
@@ -202,7 +207,10 @@ class PeerLink(asyncio.BufferedProtocol):
         arena.reserve(size)
 
     def _dispatch(self, f: Frame) -> None:
-        if f.type is T.PING:
+        if self.phase is Phase.UP and f.type not in _LINK_FRAMES:
+            assert self.owner is not None
+            self.owner.link_frame(self, f)
+        elif f.type is T.PING:
             self.send([Frame(T.PONG)])
         elif f.type is T.PONG:
             pass
@@ -317,6 +325,8 @@ class PeerLink(asyncio.BufferedProtocol):
         """Queue frames (or already encoded buffers); False if the link is gone."""
         if self.transport is None or self.transport.is_closing():
             return False
+        if self._ack_runs:
+            self._emit_acks()  # acks queued earlier go first: frames keep their order
         out: list[bytes | memoryview] = []
         for b in bufs:
             out.extend(wire.encode(b) if isinstance(b, Frame) else [b])
@@ -324,6 +334,45 @@ class PeerLink(asyncio.BufferedProtocol):
         assert self._out is not None
         self._out.write(out)
         return True
+
+    def send_frame(self, t: T, flags: int, fid: int, offset: int, aux: int,
+                   payload: bytes | memoryview = b"") -> bool:
+        """`send` of one frame given by its fields (the write path: no Frame, no lists)."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if self._ack_runs:
+            self._emit_acks()
+        self.sent_bytes += wire.FRAME_OVERHEAD_BYTES + len(payload)
+        self._out.write(wire.encode_fields(t, flags, fid, offset, aux, payload))  # type: ignore[union-attr]
+        return True
+
+    def send_write_ack(self, seq: int) -> None:
+        """Acknowledge write SEQ as applied. Acks of one loop pass leave together, as one
+        WRITE_ACK frame per run of consecutive seqs (the secondary applies in order, so
+        usually one frame for the whole pass) at the end of the pass, or before the next
+        other frame, so frames keep their order. Bounded by the frames received in a pass."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        runs = self._ack_runs
+        if runs and runs[-1][0] + runs[-1][1] == seq:
+            runs[-1][1] += 1
+            return
+        runs.append([seq, 1])
+        self._out.schedule()  # type: ignore[union-attr]
+
+    def _emit_acks_if_any(self) -> None:
+        if self._ack_runs:
+            self._emit_acks()
+
+    def _emit_acks(self) -> None:
+        runs, self._ack_runs = self._ack_runs, []
+        if self.transport is None or self.transport.is_closing():
+            return
+        out: list[bytes | memoryview] = []
+        for first, count in runs:
+            out.extend(wire.encode_fields(T.WRITE_ACK, 0, first, 0, count))
+        self.sent_bytes += wire.FRAME_OVERHEAD_BYTES * len(runs)
+        self._out.write(out)  # type: ignore[union-attr]
 
     def pause(self) -> None:
         if self._reading and self.transport is not None:
@@ -362,6 +411,10 @@ class PeerLink(asyncio.BufferedProtocol):
     @property
     def up(self) -> bool:
         return self.phase is Phase.UP and self.transport is not None
+
+
+# Frames the link itself answers or acts on, in any phase.
+_LINK_FRAMES = frozenset({T.PING, T.PONG, T.REFUSE})
 
 
 def _format_peername(peername: tuple) -> str:

@@ -54,7 +54,7 @@ from rblock.replica.wire import Frame, T
 from rblock.replica.writes import ApplyQueue, WriteTracker
 from rblock.store.device import BlockDevice, Capabilities, DeviceError
 from rblock.store.metadata import BLOCK_BYTES, ActivityLogFull, Metadata
-from rblock.store.volume import FileVolume
+from rblock.store.volume import INLINE_IO_BYTES_MAX, FileVolume
 
 log = logging.getLogger("rblock.resource")
 
@@ -141,6 +141,7 @@ class Resource(BlockDevice):
         self._last_bitmap_flush_s = 0.0
         self._persist_lock = asyncio.Lock()
         self._closing = False
+        self._loop = asyncio.get_running_loop()  # get_running_loop() costs a getpid() each
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -185,26 +186,23 @@ class Resource(BlockDevice):
         return await self.volume.read(offset, length)
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
-        self._require_primary()
-        n = len(data)
-        await self._replicated(offset, n, lambda: self.volume.write(offset, data, fua),
-                               lambda w: Frame(T.DATA, wire.FLAG_FUA if fua else 0, w.seq,
-                                               offset, w.epoch, data), in_sync_after=True)
+        if self.role is not Role.PRIMARY:
+            self._require_primary()
+        await self._replicated(offset, len(data), T.DATA, wire.FLAG_FUA if fua else 0, data)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         self._require_primary()
-        await self._replicated(offset, length, lambda: self.volume.trim(offset, length, fua),
-                               lambda w: Frame(T.TRIM, wire.FLAG_FUA if fua else 0, w.seq,
-                                               offset, w.epoch, wire.u64(length)))
+        await self._replicated(offset, length, T.TRIM, wire.FLAG_FUA if fua else 0,
+                               wire.u64(length),
+                               local=lambda: self.volume.trim(offset, length, fua))
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_punch: bool,
                            fast_only: bool) -> None:
         self._require_primary()
         flags = (wire.FLAG_FUA if fua else 0) | (0 if may_punch else wire.FLAG_NO_HOLE)
         await self._replicated(
-            offset, length,
-            lambda: self.volume.write_zeroes(offset, length, fua, may_punch, fast_only),
-            lambda w: Frame(T.ZEROES, flags, w.seq, offset, w.epoch, wire.u64(length)),
+            offset, length, T.ZEROES, flags, wire.u64(length),
+            local=lambda: self.volume.write_zeroes(offset, length, fua, may_punch, fast_only),
             local_first=fast_only)  # a fast zero that fails locally must not reach the peer
 
     async def flush(self) -> None:
@@ -227,22 +225,29 @@ class Resource(BlockDevice):
             return [(length, 0)]  # holes here may be data the peer has
         return await self.volume.extents(offset, length)
 
-    async def _replicated(self, offset: int, length: int, local: Callable, frame: Callable,
-                          local_first: bool = False, in_sync_after: bool = False) -> None:
+    async def _replicated(self, offset: int, length: int, ftype: T, flags: int,
+                          payload: bytes | memoryview, local: Callable | None = None,
+                          local_first: bool = False) -> None:
+        """One guest write (DATA: PAYLOAD is the data, written here by the volume) or trim /
+        zeroes (LOCAL does the local part): here and on the peer, as DESIGN.md says.
+        This runs once per guest write: the common case (a small write, extents hot, the
+        link replicating) takes no lock other than the activity log's, allocates no
+        closures, and goes to the volume without a coroutine."""
         if not self._settled.is_set():
             await self._settled.wait()  # a connect handshake decides where this write goes
-        token = self._new_id()
+        self._next_id += 1
+        token = self._next_id
         self._writes_inflight[token] = (offset, offset + length)
-        extents = self.meta.al_extents_for(offset, length)
         # Pinned: no other write's activation may evict these extents while this write, or
         # the bitmap bit it may set, is not settled.
-        self.meta.al_pin(extents)
+        first, last, active = self.meta.al_pin_range(offset, length)
         try:
             if self._rs_reads:
                 # Only resync reads registered before this write: later ones wait for it.
                 for ev in self._rs_reads_overlapping(offset, offset + length):
                     await ev.wait()
-            await self._al_guard(extents)
+            if not active:
+                await self._al_guard(list(range(first, last + 1)))
             link = self._replicating_link()
             if link is None:
                 if self.disk is not Disk.UPTODATE:
@@ -252,19 +257,21 @@ class Resource(BlockDevice):
                                                  f"{self.disk.value} and {self.peer_node}, "
                                                  f"which has the good data, is not connected")
                 self.meta.bitmap.set_range(offset, length)  # the peer misses this write
-                await local()
+                await self._write_local(offset, flags, payload, local)
                 return
             if local_first:
+                assert local is not None
                 await local()
             w = self.tracker.submit(offset, length)
             waiter = None
             if self.cfg.protocol != "A" or self._needs_apply_ack():
-                waiter = self._acks[w.seq] = asyncio.get_running_loop().create_future()
-            self.counters.pending_writes += 1
-            self.counters.unacked_bytes += length
-            link.send([frame(w)])
+                waiter = self._acks[w.seq] = self._loop.create_future()
+            link.send_frame(ftype, flags, w.seq, offset, w.epoch, payload)
             if not local_first:
-                await local()
+                if local is None and not flags & wire.FLAG_FUA and length <= INLINE_IO_BYTES_MAX:
+                    self.volume.write_inline(offset, payload)  # type: ignore[arg-type]
+                else:
+                    await self._write_local(offset, flags, payload, local)
             if waiter is not None:
                 applied = await waiter
                 if not applied and self.disk is not Disk.UPTODATE:
@@ -272,14 +279,21 @@ class Resource(BlockDevice):
                     raise DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not "
                                                  f"confirm a write at {offset} and the disk on "
                                                  f"{self.node} is {self.disk.value}")
-                if applied and in_sync_after and self.repl is Repl.SYNC_TARGET:
+                if applied and local is None and self.repl is Repl.SYNC_TARGET:
                     # Written here and applied on the source: these blocks need no resync,
                     # and reads of them may stay local.
                     self.meta.bitmap.clear_range(offset, length)
         finally:
-            self.meta.al_unpin(extents)
+            self.meta.al_unpin_range(first, last)
             del self._writes_inflight[token]
             self.tracker.close_epoch()
+
+    async def _write_local(self, offset: int, flags: int, payload: bytes | memoryview,
+                           local: Callable | None) -> None:
+        if local is not None:
+            await local()
+        else:
+            await self.volume.write(offset, payload, bool(flags & wire.FLAG_FUA))  # type: ignore[arg-type]
 
     def _needs_apply_ack(self) -> bool:
         """Whether a write may complete only once the peer has applied it, whatever the
@@ -756,9 +770,25 @@ class Resource(BlockDevice):
             link.refuse("both nodes are Primary")
             return
         seq, offset, data, fua = f.id, f.offset, f.payload, bool(f.flags & wire.FLAG_FUA)
-        self.counters.received_bytes += len(data)
+        n = len(data)
         if self.cfg.protocol == "B":
-            link.send([Frame(T.RECV_ACK, 0, seq)])
+            link.send_frame(T.RECV_ACK, 0, seq, 0, 0)
+        if (not self.applyq and not fua and n <= INLINE_IO_BYTES_MAX
+                and offset + n <= self.size_bytes):
+            # The common case: nothing received earlier is still being applied (so no
+            # ordering rule can hold this write back) and the write is a small page-cache
+            # one. Apply it now, on this stack: no queue entry, no coroutine, no callback.
+            self._epoch_seen = max(self._epoch_base + f.aux, self._epoch_seen)
+            try:
+                self.volume.write_inline(offset, data)
+            except OSError as e:
+                log.error("%s: applying a peer write failed: %s", self.name, e)
+                link.send_frame(T.NEG_ACK, 0, seq, 0, e.errno or errno.EIO)
+                return
+            if self.repl is Repl.SYNC_TARGET:
+                self.meta.bitmap.clear_range(offset, n)  # fully covered blocks
+            link.send_write_ack(seq)
+            return
 
         async def apply() -> None:
             await self.volume.write(offset, data, fua)
@@ -842,7 +872,7 @@ class Resource(BlockDevice):
                         link.send([Frame(T.NEG_ACK, 0, ack_seq, 0,
                                          getattr(exc, "errno", None) or errno.EIO)])
                 elif ack_seq:
-                    link.send([Frame(T.WRITE_ACK, 0, ack_seq)])
+                    link.send_write_ack(ack_seq)
                 if not self.applyq.full:
                     link.resume()
             self._pump()
@@ -850,13 +880,14 @@ class Resource(BlockDevice):
 
     # --- primary: acks and remote reads --------------------------------------------------------
 
-    def _on_write_ack(self, link: PeerLink, f: Frame, applied: bool = True) -> None:
-        w = self.tracker.acked(f.id)
-        if w is not None:
-            self.counters.pending_writes -= 1
-            self.counters.unacked_bytes -= w.length
-            self.counters.sent_bytes += w.length
-        fut = self._acks.pop(f.id, None)
+    def _on_write_ack(self, link: PeerLink, f: Frame) -> None:
+        """Writes f.id .. f.id + f.aux - 1 are applied on the peer (see PeerLink.send_write_ack)."""
+        for seq in range(f.id, f.id + (f.aux or 1)):
+            self._acked(seq, True)
+
+    def _acked(self, seq: int, applied: bool) -> None:
+        self.tracker.acked(seq)
+        fut = self._acks.pop(seq, None)
         if fut is not None and not fut.done():
             fut.set_result(applied)
 
@@ -874,7 +905,7 @@ class Resource(BlockDevice):
             self.meta.bitmap.set_range(w.offset, w.length)  # the peer could not apply it
             log.warning("%s: %s failed to apply a write at %d (errno %d); marked out of sync",
                         self.name, link.peer_node, w.offset, f.aux)
-        self._on_write_ack(link, f, applied=False)
+        self._acked(f.id, False)
         self._audit_established(f"{link.peer_node} failed to apply a write")
 
     def _on_flush_ack(self, link: PeerLink, f: Frame) -> None:

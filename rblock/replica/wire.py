@@ -47,7 +47,7 @@ class T(enum.IntEnum):
     DATA = 10  # id: seq, offset, aux: epoch, payload: data
     TRIM = 11  # id: seq, offset, aux: epoch, payload: u64 length
     ZEROES = 12  # id: seq, offset, aux: epoch, payload: u64 length
-    WRITE_ACK = 13  # id: seq (protocol C: applied on the peer)
+    WRITE_ACK = 13  # id: first seq, aux: how many seqs from id on (0 reads as 1): applied
     RECV_ACK = 14  # id: seq (protocol B: received by the peer)
     NEG_ACK = 15  # id: seq, aux: errno (the peer could not apply it)
     FLUSH = 16  # id: flush id, aux: epoch
@@ -102,13 +102,18 @@ class Frame:
 
 def encode(f: Frame) -> list[bytes | memoryview]:
     """Buffers to send (header, payload, crc); the payload is not copied."""
-    n = len(f.payload)
+    return encode_fields(f.type, f.flags, f.id, f.offset, f.aux, f.payload)
+
+
+def encode_fields(t: int, flags: int, fid: int, offset: int, aux: int,
+                  payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """`encode` without building a Frame first (the write path's frames)."""
+    n = len(payload)
     assert n <= PAYLOAD_MAX_BYTES, n
-    header = HEADER.pack(MAGIC, f.type, f.flags, n, f.id, f.offset, f.aux)
-    crc = crc32c.crc32c(f.payload, value=crc32c.crc32c(header)) if n else crc32c.crc32c(header)
+    header = _pack_header(MAGIC, t, flags, n, fid, offset, aux)
     if n:
-        return [header, f.payload, CRC.pack(crc)]
-    return [header + CRC.pack(crc)]
+        return [header, payload, _pack_crc(_crc(payload, _crc(header)))]
+    return [header + _pack_crc(_crc(header))]
 
 
 def encode_json(t: T, obj: dict, **fields: int) -> list[bytes | memoryview]:
@@ -135,21 +140,41 @@ def frame_size(buf: bytes | bytearray | memoryview, pos: int, end: int) -> int |
     return HEADER.size + n + CRC.size
 
 
-def decode(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[Frame, int] | None:
+def decode(buf: bytes | bytearray | memoryview, pos: int, end: int,
+           view: memoryview | None = None) -> tuple[Frame, int] | None:
     """Decode the frame at POS if all of it is in BUF[:END]; returns it and the next position.
-    The payload is a memoryview of BUF (no copy)."""
-    size = frame_size(buf, pos, end)
-    if size is None or end - pos < size:
+    The payload is a memoryview of BUF (no copy); VIEW, if given, is memoryview(BUF), so
+    that a caller decoding many frames from one buffer makes it once."""
+    if end - pos < _HEADER_SIZE:
         return None
-    view = memoryview(buf)
-    magic, t, flags, n, fid, offset, aux = HEADER.unpack_from(buf, pos)
-    body_end = pos + HEADER.size + n
-    (crc,) = CRC.unpack_from(buf, body_end)
-    actual = crc32c.crc32c(view[pos:body_end])
+    magic, t, flags, n, fid, offset, aux = _unpack_header(buf, pos)
+    if magic != MAGIC:
+        raise LinkError(f"bad frame magic 0x{magic:08x}")
+    if n > PAYLOAD_MAX_BYTES:
+        raise LinkError(f"frame payload of {n} bytes is over the {PAYLOAD_MAX_BYTES}-byte limit")
+    body_end = pos + _HEADER_SIZE + n
+    if end < body_end + _CRC_SIZE:
+        return None
+    if view is None:
+        view = memoryview(buf)
+    (crc,) = _unpack_crc(buf, body_end)
+    actual = _crc(view[pos:body_end])
     if crc != actual:
         raise LinkError(f"CRC-32C mismatch on a frame of type {t} (0x{crc:08x} != 0x{actual:08x})")
-    try:
-        ftype = T(t)
-    except ValueError:
-        raise LinkError(f"unknown frame type {t}") from None
-    return Frame(ftype, flags, fid, offset, aux, view[pos + HEADER.size:body_end]), pos + size
+    ftype = _TYPES.get(t)
+    if ftype is None:
+        raise LinkError(f"unknown frame type {t}")
+    return (Frame(ftype, flags, fid, offset, aux, view[pos + _HEADER_SIZE:body_end]),
+            body_end + _CRC_SIZE)
+
+
+# Bound methods and constants looked up once: the write path encodes and decodes a frame
+# per write on both nodes.
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_pack_crc = CRC.pack
+_unpack_crc = CRC.unpack_from
+_crc = crc32c.crc32c
+_HEADER_SIZE = HEADER.size
+_CRC_SIZE = CRC.size
+_TYPES = {int(t): t for t in T}  # T(t) costs an enum lookup with exception handling

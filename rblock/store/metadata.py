@@ -780,6 +780,40 @@ class Metadata:
                 else:
                     self._al_pins[e] = n - 1
 
+    def al_pin_range(self, offset_bytes: int, length_bytes: int) -> tuple[int, int, bool]:
+        """The write path's activity-log work in one lock round: pin the extents a write of
+        this range lands in (as `al_pin(al_extents_for(...))`) and, if all of them are
+        active, mark them most recently used (as `al_touch`). Returns (first, last,
+        all_active); unpin with `al_unpin_range(first, last)`. No I/O."""
+        assert offset_bytes >= 0 and length_bytes >= 0
+        if length_bytes == 0:
+            return 0, -1, True
+        first = offset_bytes // AL_EXTENT_BYTES
+        last = (offset_bytes + length_bytes - 1) // AL_EXTENT_BYTES
+        with self._al_lock:
+            pins, al = self._al_pins, self._al
+            active = True
+            for e in range(first, last + 1):
+                pins[e] = pins.get(e, 0) + 1
+                if e not in al:
+                    active = False
+            if active:
+                for e in range(first, last + 1):
+                    al.move_to_end(e)
+        return first, last, active
+
+    def al_unpin_range(self, first: int, last: int) -> None:
+        """Undo `al_pin_range` (FIRST, LAST as it returned them)."""
+        with self._al_lock:
+            pins = self._al_pins
+            for e in range(first, last + 1):
+                n = pins.get(e, 0)
+                assert n > 0, f"extent {e} unpinned more often than pinned"
+                if n == 1:
+                    del pins[e]
+                else:
+                    pins[e] = n - 1
+
     def al_pinned(self) -> dict[int, int]:
         with self._al_lock:
             return dict(self._al_pins)

@@ -146,6 +146,12 @@ class FileVolume(BlockDevice):
             raise DeviceError(errno.EIO, f"short read at {offset}: the backing file shrank")
         return data
 
+    def write_inline(self, offset: int, data: memoryview) -> None:
+        """A page-cache write done now, on the caller's stack: what `write` does for a small
+        write without FUA, minus the coroutine. For hot paths that know the write is one."""
+        assert len(data) <= INLINE_IO_BYTES_MAX, len(data)
+        _pwrite_all(self.fd, data, offset, 0)
+
     async def flush(self) -> None:
         await self._group_sync.sync()
 
