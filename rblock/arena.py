@@ -15,6 +15,7 @@ from __future__ import annotations
 
 ARENA_BYTES = 256 * 1024
 ARENA_SPACE_MIN_BYTES = 16 * 1024  # below this much free space, start a new arena
+LARGE_MESSAGE_BYTES = 64 * 1024  # a message this big is received into an arena it ends
 POOL_BYTES_MAX = 64 * 1024 * 1024  # retired arenas kept for reuse, per process
 
 
@@ -60,18 +61,37 @@ _pool = _Pool()
 
 
 class Arena:
+    """Receive buffer of one connection. `limit` is where receives stop: the end of the
+    buffer, or, while a large message (LARGE_MESSAGE_BYTES and more) is being received, the
+    end of that message. A large message thus ends exactly where its receive buffer does,
+    and the next message starts in a fresh arena (sized like the last large one), so no
+    part of a large message is ever copied from one arena into the next. (Before, the
+    start of the next 1 MiB write arrived behind the current one and was copied into a
+    fresh arena: a memmove of up to 1 MiB per write, 10% of both nodes' CPU in a
+    replicated 1 MiB write workload.) Costs one extra receive call per large message."""
+
     def __init__(self, size_bytes: int = ARENA_BYTES):
         self.buf = bytearray(size_bytes)
         self.start = 0  # first unparsed byte
         self.end = 0  # end of received bytes
+        self.limit = size_bytes  # receives stop here
+        self._message_end = False  # limit is the end of a large message
+        self._last_large_bytes = 0  # size of the last large message
 
     def writable(self) -> memoryview:
         """Where the next receive goes (for BufferedProtocol.get_buffer)."""
-        return memoryview(self.buf)[self.end:]
+        if self.end >= self.limit:
+            if self._message_end:
+                # A large message is all in: the next one probably is as large, give it an
+                # arena of its own that it ends exactly (see reserve).
+                self._move(self._last_large_bytes, self._last_large_bytes)
+            else:
+                self._move(ARENA_BYTES)
+        return memoryview(self.buf)[self.end:self.limit]
 
     def received(self, nbytes: int) -> None:
         self.end += nbytes
-        assert self.end <= len(self.buf)
+        assert self.end <= self.limit <= len(self.buf)
 
     def pending(self) -> int:
         return self.end - self.start
@@ -92,16 +112,42 @@ class Arena:
     def reserve(self, message_bytes: int = 0) -> None:
         """Make sure the message that starts at `start` (MESSAGE_BYTES long, if known) fits,
         and that there is room for a useful receive."""
-        need = max(ARENA_SPACE_MIN_BYTES, message_bytes - self.pending())
-        if len(self.buf) - self.end >= need:
-            return
         pending = self.pending()
-        fresh = _pool.get(pending + need)
-        fresh[:pending] = self.buf[self.start:self.end]
+        if message_bytes >= LARGE_MESSAGE_BYTES:
+            assert pending < message_bytes, "reserve is for a message not all received yet"
+            if self.start + message_bytes > len(self.buf):
+                self._move(message_bytes)
+            self.limit = self.start + message_bytes
+            self._message_end = True
+            self._last_large_bytes = message_bytes
+            return
+        if self._message_end and self.end >= self.limit:
+            return  # a large message ended here: writable() starts the next arena
+        self._message_end = False
+        need = max(ARENA_SPACE_MIN_BYTES, message_bytes - pending)
+        if self.limit - self.end >= need:
+            return
+        if len(self.buf) - self.end >= need:
+            self.limit = len(self.buf)  # the limit was sized for a large message that did not come
+            return
+        self._move(pending + need)
+
+    def _move(self, size_bytes: int, limit_bytes: int | None = None) -> None:
+        """Continue in a fresh arena of at least SIZE_BYTES, taking the unparsed bytes along;
+        receives stop at LIMIT_BYTES (default: the end of the arena)."""
+        pending = self.pending()
+        fresh = _pool.get(max(size_bytes, pending + ARENA_SPACE_MIN_BYTES))
+        if pending:
+            fresh[:pending] = memoryview(self.buf)[self.start:self.end]  # one copy, no slice
         _pool.put(self.buf)
         self.buf, self.start, self.end = fresh, 0, pending
+        self.limit = len(fresh) if limit_bytes is None else \
+            min(len(fresh), max(limit_bytes, pending + ARENA_SPACE_MIN_BYTES))
+        self._message_end = False
 
     def reset_with(self, data: bytes) -> None:
         self.buf = bytearray(max(ARENA_BYTES, len(data) + ARENA_SPACE_MIN_BYTES))
         self.buf[:len(data)] = data
         self.start, self.end = 0, len(data)
+        self.limit = len(self.buf)
+        self._message_end = False
