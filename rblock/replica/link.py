@@ -56,6 +56,9 @@ CHALLENGE_BYTES = 32
 AUTH_TIMEOUT_S = 5.0  # TCP accept to authenticated, TLS handshake included
 TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello record (RFC 8446, 5.1)
 ADMISSIONS_MAX = 16  # accepted connections whose first byte we still wait for, per listener
+# Bytes the transport may hold beyond what the kernel took: past this the link is congested
+# and protocol A writes wait (DRBD's on-congestion=block) instead of queueing without bound.
+SEND_BUFFER_BYTES_MAX = 4 * 1024 * 1024
 
 
 class LinkOwner(Protocol):
@@ -113,6 +116,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._reading = True
         self._ack_runs: list[list[int]] = []  # [first seq, count] of acks not sent yet
+        self.congested = False  # the transport holds over SEND_BUFFER_BYTES_MAX
+        self._drain_waiters: list[asyncio.Future] = []  # bounded by the writes in flight
         self.sent_bytes = 0
         self.received_bytes = 0
         self.tls_version: str | None = None  # "TLSv1.3" on a TLS link, None on a plain one
@@ -122,6 +127,7 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=SEND_BUFFER_BYTES_MAX)  # type: ignore[attr-defined]
         self._out = SendCoalescer(transport)
         self._out.prepare = self._emit_acks_if_any
         sock = transport.get_extra_info("socket")
@@ -147,6 +153,8 @@ class PeerLink(asyncio.BufferedProtocol):
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.close_reason = reason
         self.transport = None
+        self.congested = False
+        self._wake_drain_waiters()
         if prev is Phase.UP and self.owner is not None:
             self.owner.link_down(self, reason)
         elif (prev is not Phase.CLOSED and closed_by_peer and self.dialer
@@ -174,6 +182,27 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         return False
+
+    def pause_writing(self) -> None:
+        self.congested = True
+
+    def resume_writing(self) -> None:
+        self.congested = False
+        self._wake_drain_waiters()
+
+    async def drained(self) -> None:
+        """Return once the link is not congested (or is gone)."""
+        if not self.congested:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     # --- frames in ----------------------------------------------------------------------------
 

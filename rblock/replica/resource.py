@@ -272,7 +272,10 @@ class Resource(BlockDevice):
                     self.volume.write_inline(offset, payload)  # type: ignore[arg-type]
                 else:
                     await self._write_local(offset, flags, payload, local)
-            if waiter is not None:
+            if waiter is None:
+                if link.congested:
+                    await link.drained()  # protocol A: bounded by the link's send buffer
+            else:
                 applied = await waiter
                 if not applied and self.disk is not Disk.UPTODATE:
                     # Not on the peer, and the resync will overwrite it here: a failed write.
@@ -813,7 +816,7 @@ class Resource(BlockDevice):
 
             async def apply() -> None:
                 await self.volume.write_zeroes(offset, length, fua, may_punch, False)
-        self._queue_apply(f.aux, offset, length, apply, ack_seq=seq)
+        self._queue_apply(f.aux, offset, length, apply, ack_seq=seq, data=False)
 
     def _on_flush(self, link: PeerLink, f: Frame) -> None:
         fid = f.id
@@ -825,7 +828,7 @@ class Resource(BlockDevice):
         self._queue_apply(f.aux, 0, 0, apply, barrier=True)
 
     def _queue_apply(self, epoch: int, offset: int, length: int, job: Callable,
-                     barrier: bool = False, ack_seq: int = 0) -> None:
+                     barrier: bool = False, ack_seq: int = 0, data: bool = True) -> None:
         if offset + length > self.size_bytes:
             if self.link is not None:  # the peer broke the protocol: nothing of it is applied
                 self.link.refuse(f"peer wrote {length} bytes at {offset}, past the end of "
@@ -833,7 +836,7 @@ class Resource(BlockDevice):
             return
         epoch = max(self._epoch_base + epoch, self._epoch_seen)
         self._epoch_seen = epoch
-        entry = self.applyq.add(epoch, offset, length, barrier)
+        entry = self.applyq.add(epoch, offset, length, barrier, length if data else 0)
         link = self.link
 
         def run() -> object:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 APPLY_QUEUE_ENTRIES_MAX = 1024  # the link stops reading when this many entries wait
+APPLY_QUEUE_BYTES_MAX = 64 * 1024 * 1024  # ... or when they hold this many bytes of data
 
 
 @dataclass(slots=True)
@@ -88,6 +89,7 @@ class ApplyEntry:
     length: int
     barrier: bool = False
     started: bool = False
+    data_bytes: int = 0
 
 
 class ApplyQueue:
@@ -97,27 +99,43 @@ class ApplyQueue:
         self._entries: OrderedDict[int, ApplyEntry] = OrderedDict()
         self._next_key = 1
         self._last_epoch = 0
+        self._bytes = 0  # data held by the entries (their payloads stay in the link's arena)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def full(self) -> bool:
-        return len(self._entries) >= APPLY_QUEUE_ENTRIES_MAX
+        return len(self._entries) >= APPLY_QUEUE_ENTRIES_MAX or self._bytes >= APPLY_QUEUE_BYTES_MAX
 
-    def add(self, epoch: int, offset: int, length: int, barrier: bool = False) -> ApplyEntry:
+    def add(self, epoch: int, offset: int, length: int, barrier: bool = False,
+            data_bytes: int = 0) -> ApplyEntry:
+        """DATA_BYTES: how much received data the entry holds until it is done."""
         assert epoch >= self._last_epoch, f"epoch went back from {self._last_epoch} to {epoch}"
         self._last_epoch = epoch
-        e = ApplyEntry(self._next_key, epoch, offset, length, barrier)
+        e = ApplyEntry(self._next_key, epoch, offset, length, barrier, data_bytes=data_bytes)
         self._next_key += 1
         self._entries[e.key] = e
+        self._bytes += data_bytes
         return e
 
     def startable(self) -> list[ApplyEntry]:
-        """Entries that may start now, in arrival order; marks them started."""
+        """Entries that may start now, in arrival order; marks them started.
+
+        Only the oldest epoch still in the queue is looked at: every entry here is
+        unfinished, and epochs never decrease in arrival order, so an entry of a later epoch
+        has an unfinished entry of an earlier one before it (rule 1). The scan thus costs
+        the size of one epoch, not of the queue: entries pile up behind a slow one (an
+        fdatasync for a FLUSH, a FUA write) in later epochs, and a scan of all of them at
+        every arrival and completion was quadratic in the queue length."""
         out = []
         earlier: list[ApplyEntry] = []  # unfinished entries before the one looked at
+        head_epoch = -1
         for e in self._entries.values():
+            if not earlier:
+                head_epoch = e.epoch
+            elif e.epoch != head_epoch:
+                break  # a later epoch: waits until this one is done
             if not e.started and self._may_start(e, earlier):
                 e.started = True
                 out.append(e)
@@ -141,3 +159,5 @@ class ApplyQueue:
     def done(self, key: int) -> None:
         e = self._entries.pop(key)
         assert e.started
+        self._bytes -= e.data_bytes
+        assert self._bytes >= 0
