@@ -375,6 +375,11 @@ class PeerLink(asyncio.BufferedProtocol):
         self._out.write(wire.encode_fields(t, flags, fid, offset, aux, payload))  # type: ignore[union-attr]
         return True
 
+    def flush(self) -> None:
+        """Hand what is queued to the transport now instead of at the end of the pass."""
+        if self._out is not None and self.transport is not None:
+            self._out.flush()
+
     def send_write_ack(self, seq: int) -> None:
         """Acknowledge write SEQ as applied. Acks of one loop pass leave together, as one
         WRITE_ACK frame per run of consecutive seqs (the secondary applies in order, so

@@ -64,6 +64,12 @@ SYNC_RATE_WINDOW_S = 5.0  # sync rate is measured over this much recent history
 PROGRESS_SAMPLE_S = 0.1
 PROGRESS_SAMPLES_MAX = 100
 REMOTE_READ_TIMEOUT_S = 30.0
+# Writes up to this size (without FUA) are copied into the page cache on the event loop, on
+# both nodes, not in the volume's thread pool. Measured on 1 MiB writes (2 cores, fio and
+# both nodes busy): the pool's hand-off (futexes, GIL ping-pong, 6 context switches per
+# write) cost more CPU than the copy; inline, the secondary went from 373 to 245 us of CPU
+# per write and the primary from 540 to 430. The loop stalls for the copy (~0.1 ms/MiB).
+INLINE_WRITE_BYTES_MAX = 4 * 1024 * 1024
 
 
 class ResourceError(Exception):
@@ -267,8 +273,10 @@ class Resource(BlockDevice):
             if self.cfg.protocol != "A" or self._needs_apply_ack():
                 waiter = self._acks[w.seq] = self._loop.create_future()
             link.send_frame(ftype, flags, w.seq, offset, w.epoch, payload)
+            if length > INLINE_IO_BYTES_MAX:
+                link.flush()  # a big write: the peer starts on it while we write locally
             if not local_first:
-                if local is None and not flags & wire.FLAG_FUA and length <= INLINE_IO_BYTES_MAX:
+                if local is None and not flags & wire.FLAG_FUA and length <= INLINE_WRITE_BYTES_MAX:
                     self.volume.write_inline(offset, payload)  # type: ignore[arg-type]
                 else:
                     await self._write_local(offset, flags, payload, local)
@@ -776,7 +784,7 @@ class Resource(BlockDevice):
         n = len(data)
         if self.cfg.protocol == "B":
             link.send_frame(T.RECV_ACK, 0, seq, 0, 0)
-        if (not self.applyq and not fua and n <= INLINE_IO_BYTES_MAX
+        if (not self.applyq and not fua and n <= INLINE_WRITE_BYTES_MAX
                 and offset + n <= self.size_bytes):
             # The common case: nothing received earlier is still being applied (so no
             # ordering rule can hold this write back) and the write is a small page-cache

@@ -147,9 +147,9 @@ class FileVolume(BlockDevice):
         return data
 
     def write_inline(self, offset: int, data: memoryview) -> None:
-        """A page-cache write done now, on the caller's stack: what `write` does for a small
-        write without FUA, minus the coroutine. For hot paths that know the write is one."""
-        assert len(data) <= INLINE_IO_BYTES_MAX, len(data)
+        """A write without FUA done now, on the caller's stack (the page cache takes it):
+        what `write` does for a small one, minus the coroutine, and for a large one without
+        the thread pool. The caller decides which writes are worth stalling the loop for."""
         _pwrite_all(self.fd, data, offset, 0)
 
     async def flush(self) -> None:
