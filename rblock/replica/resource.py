@@ -24,8 +24,9 @@ import errno
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import crc32c
 
@@ -191,10 +192,13 @@ class Resource(BlockDevice):
             return await self._remote_read(offset, length)
         return await self.volume.read(offset, length)
 
-    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+    def write(self, offset: int, data: memoryview,  # type: ignore[override]
+              fua: bool) -> Coroutine[Any, Any, None]:
+        # A plain function handing out _replicated's coroutine: one coroutine frame fewer
+        # to create and to pass through at each resume, per guest write.
         if self.role is not Role.PRIMARY:
             self._require_primary()
-        await self._replicated(offset, len(data), T.DATA, wire.FLAG_FUA if fua else 0, data)
+        return self._replicated(offset, len(data), T.DATA, wire.FLAG_FUA if fua else 0, data)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         self._require_primary()

@@ -790,6 +790,13 @@ class Metadata:
             return 0, -1, True
         first = offset_bytes // AL_EXTENT_BYTES
         last = (offset_bytes + length_bytes - 1) // AL_EXTENT_BYTES
+        if first == last:  # most writes: one extent, no loops
+            with self._al_lock:
+                self._al_pins[first] = self._al_pins.get(first, 0) + 1
+                if first in self._al:
+                    self._al.move_to_end(first)
+                    return first, first, True
+            return first, first, False
         with self._al_lock:
             pins, al = self._al_pins, self._al
             active = True
@@ -804,6 +811,14 @@ class Metadata:
 
     def al_unpin_range(self, first: int, last: int) -> None:
         """Undo `al_pin_range` (FIRST, LAST as it returned them)."""
+        if first == last:
+            with self._al_lock:
+                n = self._al_pins[first]  # KeyError: unpinned more often than pinned
+                if n == 1:
+                    del self._al_pins[first]
+                else:
+                    self._al_pins[first] = n - 1
+            return
         with self._al_lock:
             pins = self._al_pins
             for e in range(first, last + 1):

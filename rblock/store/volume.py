@@ -150,7 +150,9 @@ class FileVolume(BlockDevice):
         """A write without FUA done now, on the caller's stack (the page cache takes it):
         what `write` does for a small one, minus the coroutine, and for a large one without
         the thread pool. The caller decides which writes are worth stalling the loop for."""
-        _pwrite_all(self.fd, data, offset, 0)
+        n = os.pwrite(self.fd, data, offset)
+        if n != len(data):  # short (rare for a regular file): the loop finishes it
+            _pwrite_all(self.fd, memoryview(data)[max(n, 0):], offset + max(n, 0), 0)
 
     async def flush(self) -> None:
         await self._group_sync.sync()
