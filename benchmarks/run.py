@@ -625,7 +625,7 @@ def replicated_mark(summary: Summary, rtt_us: float) -> str:
         extra_us = (summary.clat_p50_ns - summary.serve_p50_ns) / NS_PER_US
         limit_us = rtt_us + QD1_LATENCY_MARGIN_US
         verdict = "PASS" if extra_us <= limit_us else "MISS"
-        return f"{verdict} (p50 +{extra_us:.0f} us <= {limit_us:.0f} us)"
+        return f"{verdict} (p50 {extra_us:+.0f} us <= {limit_us:.0f} us)"
     if summary.job in REPLICATED_TARGET_JOBS and summary.ratio_to_serve is not None \
             and summary.server == "rblock-c":
         verdict = "PASS" if summary.ratio_to_serve >= REPLICATED_TARGET_RATIO else "MISS"
