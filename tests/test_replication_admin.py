@@ -545,6 +545,51 @@ def test_invalidate_on_the_connected_primary_under_client_io(cluster):
     assert read_through(c, "alpha", 0, size) == model
 
 
+def test_invalidated_primary_losing_its_source_mid_resync(cluster):
+    """The peer dies while the invalidated Primary resyncs from it: no good copy of the data
+    is left on the Primary, so its writes fail (a write there alone would be overwritten by
+    the resync) and so do reads of blocks not resynced yet; when the peer is back, the
+    connect decision makes the Primary the target again (disk states: the only consistent
+    disk is the source) and the resync ends with both files identical."""
+    size = 256 * MIB
+    c = cluster(size="256M")
+    c.start_fresh()
+    data = b"".join(bytes([i % 251 + 1]) * MIB for i in range(size // MIB))
+    write_through(c, "alpha", 0, data)
+    c.wait_synced()
+    # Every block of alpha's file differs now (all zeroes), so the resync copies the whole
+    # disk, at most at the cluster's resync_rate (400 MB/s): it takes over half a second.
+    fd = os.open(c.disk("alpha"), os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    h = connect(c, "alpha")
+    try:
+        log_before = len(c.log("alpha"))
+        c.rblock("alpha", "invalidate", "r0")
+        c.kill("beta")
+        log = c.log("alpha")[log_before:]
+        assert "replication Established -> SyncTarget" in log, log
+        assert "resync from beta finished" not in log, "the resync ended before beta died"
+        c.wait(lambda: c.peer("alpha")["connection"] == "Connecting", what="alpha sees beta gone")
+        r = c.res("alpha")
+        assert (r["role"], r["disk"]) == ("Primary", "Inconsistent"), r
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"\xee" * BLOCK, 0)
+        with pytest.raises(nbd.Error):
+            h.pread(BLOCK, size - BLOCK)  # the sweep runs from the start: not resynced yet
+    finally:
+        h.shutdown()
+    c.up("beta")
+    c.wait_synced()
+    log = c.log("alpha")[log_before:]
+    assert "disk-states after bitmap-from-current" in log, log
+    assert c.files_identical()
+    assert read_through(c, "alpha", 0, size) == data
+
+
 def test_invalidate_refused_on_a_disconnected_primary(cluster):
     c = cluster(size="64M")
     c.start_fresh()
