@@ -75,6 +75,7 @@ def interactive_console(config: Path, guest: str, timeout_s: float = 30.0) -> st
     out = b""
     deadline = time.monotonic() + timeout_s
     sent = False
+    next_escape_s = 0.0
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.1)
@@ -86,9 +87,12 @@ def interactive_console(config: Path, guest: str, timeout_s: float = 30.0) -> st
                 if not chunk:
                     break
                 out += chunk
-            if not sent and b"Escape character" in out:
+            if b"Escape character" in out and time.monotonic() >= next_escape_s:
+                # virsh prints the line before it reads the terminal raw: an early Ctrl+] is
+                # only echoed, so press it again until virsh has gone.
                 os.write(fd, b"\x1d")  # Ctrl+]
                 sent = True
+                next_escape_s = time.monotonic() + 0.5
         while True:  # never hang the suite on a console that does not let go
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
