@@ -72,6 +72,13 @@ class SendCoalescer:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def write_one(self, buf: bytes | memoryview) -> None:
+        """`write` of one buffer (no list or tuple to build)."""
+        self._pending.append(buf)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
     def schedule(self) -> None:
         """Make sure the pass ends with a flush (and so a `prepare` call)."""
         if not self._scheduled:

@@ -4,8 +4,9 @@ Receive path (no copy of payloads): each connection receives into an `Arena` via
 BufferedProtocol, so the kernel copies straight into it, and a WRITE's payload goes to the
 device as a memoryview of the arena (see rblock/arena.py).
 
-Requests are started eagerly (`run_eager`): a page-cache write completes and is answered in
-the same loop pass that received it. Replies produced while a received batch is processed are
+Requests are started eagerly (`run_eager`; WRITEs through the device's callback interface,
+`BlockDevice.start_write`): a page-cache write completes and is answered in the same loop
+pass that received it. Replies produced while a received batch is processed are
 sent with one `writelines` (one syscall for many replies).
 
 Bounds: per connection at most INFLIGHT_REQUESTS_MAX requests and INFLIGHT_BYTES_MAX payload
@@ -328,6 +329,11 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight_bytes += cost
         if self._inflight >= INFLIGHT_REQUESTS_MAX or self._inflight_bytes >= INFLIGHT_BYTES_MAX:
             self._pause("in-flight limit")
+        if req.type == p.CMD_WRITE:
+            # The hot command: no coroutine or closure of ours (see BlockDevice.start_write).
+            self.device.start_write(req.offset, payload, bool(req.flags & p.CMD_FLAG_FUA),
+                                    self._write_done, req)
+            return
         run_eager(self._execute(req, payload), lambda result, exc: self._finish(req, cost, result, exc))
 
     async def _execute(self, req: p.Request, payload: memoryview) -> list[bytes]:
@@ -336,9 +342,7 @@ class Connection(asyncio.BufferedProtocol):
         assert d is not None and s is not None
         fua = bool(req.flags & p.CMD_FLAG_FUA)
         t = req.type
-        if t == p.CMD_WRITE:
-            await d.write(req.offset, payload, fua)
-        elif t == p.CMD_READ:
+        if t == p.CMD_READ:
             return await self._read(req)
         elif t == p.CMD_FLUSH:
             await d.flush()
@@ -386,6 +390,21 @@ class Connection(asyncio.BufferedProtocol):
             pieces.append((req.offset, await d.read(req.offset, req.length)))
         return read_reply(req.handle, req.offset, pieces, s.structured_replies)
 
+    def _write_done(self, req: p.Request, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._finish(req, req.length, None, exc)
+            return
+        self._inflight -= 1
+        self._inflight_bytes -= req.length
+        assert self._inflight >= 0 and self._inflight_bytes >= 0
+        if self.transport is not None and self._out is not None:
+            self._out.write_one(p.simple_reply(req.handle))
+        if self._disconnecting:
+            self._maybe_finish_disconnect()
+        elif self._paused_reasons and (self._inflight < INFLIGHT_REQUESTS_MAX
+                                       and self._inflight_bytes < INFLIGHT_BYTES_MAX):
+            self._resume("in-flight limit")
+
     def _finish(self, req: p.Request, cost: int, result: list[bytes] | None,
                 exc: BaseException | None) -> None:
         self._inflight -= 1
@@ -405,8 +424,8 @@ class Connection(asyncio.BufferedProtocol):
         self._send(*result)
         if self._disconnecting:
             self._maybe_finish_disconnect()
-        elif (self._inflight < INFLIGHT_REQUESTS_MAX
-              and self._inflight_bytes < INFLIGHT_BYTES_MAX):
+        elif self._paused_reasons and (self._inflight < INFLIGHT_REQUESTS_MAX
+                                       and self._inflight_bytes < INFLIGHT_BYTES_MAX):
             self._resume("in-flight limit")
 
     def _send(self, *bufs: bytes) -> None:

@@ -17,7 +17,9 @@ ordered against guest writes to the same blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 APPLY_QUEUE_ENTRIES_MAX = 1024  # the link stops reading when this many entries wait
 APPLY_QUEUE_BYTES_MAX = 64 * 1024 * 1024  # ... or when they hold this many bytes of data
@@ -30,6 +32,10 @@ class PendingWrite:
     offset: int
     length: int
     received: bool = False  # RECV_ACK seen (protocol B)
+    # The owner's: who to tell once the peer has the write, on_ack(write, applied), and
+    # what it needs for that. The tracker never looks at them.
+    on_ack: Callable[[PendingWrite, bool], None] | None = None
+    ctx: Any = None
 
 
 class WriteTracker:

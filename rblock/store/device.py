@@ -3,7 +3,9 @@
 A local volume (`volume.FileVolume`) and, later, the replicated device implement it, so
 `rblock serve FILE` and a replicated resource share every line of NBD code. Methods are
 coroutines; the NBD server starts them eagerly (`rblock.aio.run_eager`), so an operation
-that finishes without waiting costs no task switch.
+that finishes without waiting costs no task switch. WRITE, the one command that is hot on
+every device, enters through `start_write`, a callback interface a device may implement
+without any coroutine (the replicated device does: its writes complete on the peer's ack).
 
 Errors: raise `DeviceError` (or let an `OSError` escape); its errno is sent to the client
 (EIO for anything the protocol has no value for) with the message in a structured error.
@@ -13,10 +15,18 @@ from __future__ import annotations
 
 import abc
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from rblock.aio import run_eager
 
 STATE_HOLE = 1  # base:allocation extent flags, as in the NBD protocol
 STATE_ZERO = 2
+
+
+# done(token, None) once a write completed, done(token, exc) if it failed.
+WriteDone = Callable[[Any, BaseException | None], None]
 
 
 class DeviceError(OSError):
@@ -54,6 +64,19 @@ class BlockDevice(abc.ABC):
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Write DATA at OFFSET; with FUA, durable before returning. DATA is the caller's
         buffer and is only valid until this returns."""
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: WriteDone,
+                    token: object) -> None:
+        """`write`, as a callback: starts it now and calls done(token, None) once it has
+        completed or done(token, exc) if it failed, possibly before returning. DATA stays
+        valid until DONE is called. The NBD server starts every WRITE here; this default
+        runs `write` eagerly."""
+        try:
+            coro = self.write(offset, data, fua)
+        except Exception as exc:  # noqa: BLE001 -- a write() that is a plain function raising
+            done(token, exc)
+            return
+        run_eager(coro, lambda _result, exc: done(token, exc))
 
     @abc.abstractmethod
     async def flush(self) -> None:
