@@ -59,6 +59,14 @@ DRAIN_TIMEOUT_S = 30.0  # how long shutdown waits for in-flight requests
 CLOSE_GRACE_S = 2.0  # a closing connection whose client does not read replies is then cut
 
 
+# Looked up once: these are used for every request.
+_REQUEST_BYTES = p.REQUEST.size
+_WRITE = p.CMD_WRITE
+_READ = p.CMD_READ
+_DISC = p.CMD_DISC
+_FUA = p.CMD_FLAG_FUA
+
+
 @dataclass
 class Export:
     name: str
@@ -288,22 +296,25 @@ class Connection(asyncio.BufferedProtocol):
         self._processing = True
         message_bytes = 0
         try:
-            while (self._reading and not self._disconnecting
-                   and arena.pending() >= p.REQUEST.size):
+            while self._reading and not self._disconnecting:
+                start = arena.start
+                pending = arena.end - start
+                if pending < _REQUEST_BYTES:
+                    break
                 try:
-                    req = p.parse_request(arena.buf, arena.start)
+                    req = p.parse_request(arena.buf, start)
                 except p.ProtocolError as e:
                     self._close(str(e))
                     return
-                payload_bytes = req.length if req.type == p.CMD_WRITE else 0
+                payload_bytes = req.length if req.type == _WRITE else 0
                 if payload_bytes > PAYLOAD_MAX_BYTES:
                     self._close(f"WRITE payload of {payload_bytes} bytes is over the "
                                 f"{PAYLOAD_MAX_BYTES}-byte maximum")
                     return
-                message_bytes = p.REQUEST.size + payload_bytes
-                if message_bytes > arena.pending():
+                message_bytes = _REQUEST_BYTES + payload_bytes
+                if message_bytes > pending:
                     break  # payload still arriving
-                arena.take(p.REQUEST.size)
+                arena.start = start + _REQUEST_BYTES  # the header: parsed above
                 self._begin(req, arena.take(payload_bytes))
                 message_bytes = 0
         finally:
@@ -314,7 +325,8 @@ class Connection(asyncio.BufferedProtocol):
         s = self.session
         assert s is not None and self.device is not None
         self.requests += 1
-        if req.type == p.CMD_DISC:
+        t = req.type
+        if t == _DISC:
             self._disconnecting = True
             self._close_reason = "client sent NBD_CMD_DISC"
             self._maybe_finish_disconnect()
@@ -324,14 +336,14 @@ class Connection(asyncio.BufferedProtocol):
         except RequestError as e:
             self._send(error_reply(req.handle, e.err, str(e), s.structured_replies))
             return
-        cost = req.length if req.type in (p.CMD_READ, p.CMD_WRITE) else 0
+        cost = req.length if t == _WRITE or t == _READ else 0
         self._inflight += 1
         self._inflight_bytes += cost
         if self._inflight >= INFLIGHT_REQUESTS_MAX or self._inflight_bytes >= INFLIGHT_BYTES_MAX:
             self._pause("in-flight limit")
-        if req.type == p.CMD_WRITE:
+        if t == _WRITE:
             # The hot command: no coroutine or closure of ours (see BlockDevice.start_write).
-            self.device.start_write(req.offset, payload, bool(req.flags & p.CMD_FLAG_FUA),
+            self.device.start_write(req.offset, payload, bool(req.flags & _FUA),
                                     self._write_done, req)
             return
         run_eager(self._execute(req, payload), lambda result, exc: self._finish(req, cost, result, exc))

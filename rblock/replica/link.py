@@ -212,7 +212,7 @@ class PeerLink(asyncio.BufferedProtocol):
         buf = arena.buf
         view = memoryview(buf)
         try:
-            while self._reading and self.phase is not Phase.CLOSED:
+            while self._reading and self.phase is not _CLOSED:
                 if arena.buf is not buf:  # a nested _process (resume) moved to a new arena
                     buf = arena.buf
                     view = memoryview(buf)
@@ -236,7 +236,7 @@ class PeerLink(asyncio.BufferedProtocol):
         arena.reserve(size)
 
     def _dispatch(self, f: Frame) -> None:
-        if self.phase is Phase.UP and f.type not in _LINK_FRAMES:
+        if self.phase is _UP and f.type not in _LINK_FRAMES:
             assert self.owner is not None
             self.owner.link_frame(self, f)
         elif f.type is T.PING:
@@ -444,11 +444,14 @@ class PeerLink(asyncio.BufferedProtocol):
 
     @property
     def up(self) -> bool:
-        return self.phase is Phase.UP and self.transport is not None
+        return self.phase is _UP and self.transport is not None
 
 
 # Frames the link itself answers or acts on, in any phase.
 _LINK_FRAMES = frozenset({T.PING, T.PONG, T.REFUSE})
+# Looked up once (an enum member named costs a class attribute lookup): used per frame.
+_UP = Phase.UP
+_CLOSED = Phase.CLOSED
 
 
 def _format_peername(peername: tuple) -> str:

@@ -43,7 +43,7 @@ class WriteTracker:
         self.next_seq = 1
         self.epoch = 1
         self._epoch_closed = False
-        self.pending: OrderedDict[int, PendingWrite] = OrderedDict()  # seq -> write
+        self.pending: dict[int, PendingWrite] = {}  # seq -> write, in seq order
         self.pending_bytes = 0
 
     def submit(self, offset: int, length: int) -> PendingWrite:
