@@ -80,7 +80,7 @@ _UPTODATE = Disk.UPTODATE
 _SYNC_TARGET = Repl.SYNC_TARGET
 _REPLICATING = frozenset({Repl.ESTABLISHED, Repl.SYNC_SOURCE, Repl.SYNC_TARGET,
                           Repl.VERIFY_SOURCE, Repl.VERIFY_TARGET})  # guest writes go to the peer
-_DATA = T.DATA
+_DATA = int(T.DATA)  # an IntEnum member costs __index__ in struct.pack
 
 
 class ResourceError(Exception):
@@ -149,6 +149,9 @@ class Resource(BlockDevice):
         # Primary SyncTarget: resync requests sent, not yet applied -> release of their range
         self._rs_locks: dict[int, Callable[[], None]] = {}
         self._invalidating = False  # an invalidate waits for the peer to apply every write
+        # start_write's fast path may run: kept by _refresh_fast_path at every change of what
+        # it depends on, so a guest write tests one attribute instead of eight conditions.
+        self._fast_path = False
         self._sweep: SweepPlanner | None = None
         self._sweep_kind = ""  # "resync" or "verify"
         self._sweep_task: asyncio.Task | None = None
@@ -215,11 +218,8 @@ class Resource(BlockDevice):
         replies of one ack batch left a pass later, after one more epoll_wait."""
         n = len(data)
         link = self.link
-        # _replicating_link() and then some, spelled out: this runs once per guest write.
-        if (link is None or fua or n > INLINE_WRITE_BYTES_MAX or self.role is not _PRIMARY
-                or self.repl not in _REPLICATING or self.disk is not _UPTODATE
-                or self._invalidating or self._rs_reads or not link.up
-                or not self._settled.is_set()):
+        if (not self._fast_path or fua or n > INLINE_WRITE_BYTES_MAX or self._rs_reads
+                or link is None):
             BlockDevice.start_write(self, offset, data, fua, done, token)
             return
         wait_ack = self.cfg.protocol != "A"
@@ -255,6 +255,22 @@ class Resource(BlockDevice):
         del self._writes_inflight[inflight]
         self.tracker.close_epoch()
         done(token, None)
+
+    def _refresh_fast_path(self) -> None:
+        """`_replicating_link()`, this disk UpToDate, no invalidate and no connect handshake
+        under way: start_write's fast path may run. Called after every change of these (the
+        link, its phase, the role, the replication and disk states, _settled,
+        _invalidating); the link's phase changes only with a link_up or link_down call."""
+        self._fast_path = (self._replicating_link() is not None and self.disk is _UPTODATE
+                           and not self._invalidating and self._settled.is_set())
+
+    def _settle(self) -> None:
+        self._settled.set()
+        self._refresh_fast_path()
+
+    def _unsettle(self) -> None:
+        self._settled.clear()
+        self._refresh_fast_path()
 
     def _fast_acked(self, w: PendingWrite, applied: bool) -> None:
         """The end of a `start_write` fast-path write: what `_replicated` does after its
@@ -463,13 +479,14 @@ class Resource(BlockDevice):
     def attach(self, link: PeerLink) -> None:
         """A new authenticated link (dialed or accepted) replaces any old one."""
         old, self.link = self.link, link
+        self._refresh_fast_path()
         if old is not None and old is not link:
             old.close("replaced by a new connection")
 
     def link_up(self, link: PeerLink) -> None:
         self.attach(link)
         self._set("connection", Conn.CONNECTED)
-        self._settled.clear()
+        self._unsettle()
         self._peer_state = None
         self._peer_bitmap_chunks = []
         # Epochs restart with each primary's link; offset them so the apply order stays
@@ -499,6 +516,7 @@ class Resource(BlockDevice):
         if link is not self.link:
             return
         self.link = None
+        self._refresh_fast_path()
         lost = self.tracker.link_lost()
         for w in lost:
             self.meta.bitmap.set_range(w.offset, w.length)
@@ -517,7 +535,7 @@ class Resource(BlockDevice):
         self._set("replication", Repl.OFF)
         self._set("peer-role", Role.UNKNOWN)
         self._set("peer-disk", Disk.UNKNOWN)
-        self._settled.set()
+        self._settle()
         if self.conn is not Conn.STANDALONE:
             self._set("connection", Conn.CONNECTING)
         log.warning("%s: lost %s: %s; %d unacknowledged writes marked out of sync", self.name,
@@ -584,7 +602,7 @@ class Resource(BlockDevice):
             self._emit(Event(self.name, "split-brain", "", why))
             link.send(wire.encode_json(T.DISCONNECT, {"reason": why}))
             link.close(why)
-            self._settled.set()
+            self._settle()
             return
         if d.sync in (Sync.BITMAP_SOURCE, Sync.BITMAP_TARGET):
             peer_bits = bytearray(len(self.meta.bitmap.to_bytes()))
@@ -614,7 +632,7 @@ class Resource(BlockDevice):
         else:  # NO_DATA / NO_GOOD_DATA: connected, nothing flows until someone has data
             self._set("replication", Repl.ESTABLISHED)
             self._audit_established(str(d), peer.out_of_sync_blocks)
-        self._settled.set()
+        self._settle()
 
     def _audit_established(self, why: str, peer_blocks: int = 0) -> None:
         """Established means writes flow and no resync runs, so blocks still marked out of
@@ -865,7 +883,7 @@ class Resource(BlockDevice):
     # --- secondary: applying the primary's writes ----------------------------------------
 
     def _on_data(self, link: PeerLink, f: Frame) -> None:
-        if self.role is Role.PRIMARY:
+        if self.role is _PRIMARY:
             link.refuse("both nodes are Primary")
             return
         seq, offset, data, fua = f.id, f.offset, f.payload, bool(f.flags & wire.FLAG_FUA)
@@ -884,7 +902,7 @@ class Resource(BlockDevice):
                 log.error("%s: applying a peer write failed: %s", self.name, e)
                 link.send_frame(T.NEG_ACK, 0, seq, 0, e.errno or errno.EIO)
                 return
-            if self.repl is Repl.SYNC_TARGET:
+            if self.repl is _SYNC_TARGET:
                 self.meta.bitmap.clear_range(offset, n)  # fully covered blocks
             link.send_write_ack(seq)
             return
@@ -1135,6 +1153,7 @@ class Resource(BlockDevice):
         # a write. Once this disk is Inconsistent the peer's copy is the only good one, so it
         # must first hold every write answered so far; writes from now on wait for it.
         self._invalidating = True
+        self._refresh_fast_path()
         try:
             last_seq = self.tracker.next_seq - 1
             while link.up and self.tracker.pending:
@@ -1148,6 +1167,7 @@ class Resource(BlockDevice):
             self._set_disk(Disk.INCONSISTENT, persist=False)
         finally:
             self._invalidating = False
+            self._refresh_fast_path()
         self._set("replication", Repl.SYNC_TARGET)
         blocks = self.meta.bitmap.count()
         self.counters.reset_resync(blocks)
@@ -1192,6 +1212,7 @@ class Resource(BlockDevice):
         if old is value:
             return
         setattr(self, attr, value)
+        self._refresh_fast_path()
         self._emit(Event(self.name, what, old.value, value.value))
 
     def _set_disk(self, disk: Disk, persist: bool = True) -> None:
@@ -1199,6 +1220,7 @@ class Resource(BlockDevice):
         if old is disk:
             return
         self.disk = disk
+        self._refresh_fast_path()
         self._emit(Event(self.name, "disk", old.value, disk.value))
         if persist:
             asyncio.get_running_loop().create_task(self._persist())
