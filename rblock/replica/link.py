@@ -102,6 +102,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self.resource = resource
         self.peer_node = expect_node
         self.phase = Phase.HELLO
+        # owner.link_frame while UP, looked up once: every replicated write's frame goes there
+        self._owner_frame: Callable[[PeerLink, Frame], None] | None = None
         self.transport: asyncio.Transport | None = None
         self._out: SendCoalescer | None = None
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -149,6 +151,7 @@ class PeerLink(asyncio.BufferedProtocol):
             self._timer.cancel()
         prev = self.phase
         self.phase = Phase.CLOSED
+        self._owner_frame = None
         closed_by_peer = not self.close_reason
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.close_reason = reason
@@ -221,7 +224,10 @@ class PeerLink(asyncio.BufferedProtocol):
                     size = wire.frame_size(buf, arena.start, arena.end) or 0
                     break
                 frame, arena.start = got
-                self._dispatch(frame)
+                if self._owner_frame is not None and frame.type not in _LINK_FRAMES:
+                    self._owner_frame(self, frame)  # _dispatch's first case, one call less
+                else:
+                    self._dispatch(frame)
         except LinkError as e:
             if (self.phase is Phase.HELLO and self.tls_version is None
                     and arena.buf[arena.start] == TLS_RECORD_HANDSHAKE):
@@ -303,6 +309,8 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         self.phase = Phase.UP
         self.was_up = True
+        assert self.owner is not None
+        self._owner_frame = self.owner.link_frame
         if self._timer is not None:
             self._timer.cancel()
         self._schedule_ping()
@@ -385,11 +393,13 @@ class PeerLink(asyncio.BufferedProtocol):
         WRITE_ACK frame per run of consecutive seqs (the secondary applies in order, so
         usually one frame for the whole pass) at the end of the pass, or before the next
         other frame, so frames keep their order. Bounded by the frames received in a pass."""
-        if self.transport is None or self.transport.is_closing():
-            return
         runs = self._ack_runs
-        if runs and runs[-1][0] + runs[-1][1] == seq:
-            runs[-1][1] += 1
+        if runs:
+            last = runs[-1]
+            if last[0] + last[1] == seq:
+                last[1] += 1  # the common case: the next seq of this pass's run
+                return
+        elif self.transport is None or self.transport.is_closing():
             return
         runs.append([seq, 1])
         self._out.schedule()  # type: ignore[union-attr]

@@ -80,7 +80,8 @@ _UPTODATE = Disk.UPTODATE
 _SYNC_TARGET = Repl.SYNC_TARGET
 _REPLICATING = frozenset({Repl.ESTABLISHED, Repl.SYNC_SOURCE, Repl.SYNC_TARGET,
                           Repl.VERIFY_SOURCE, Repl.VERIFY_TARGET})  # guest writes go to the peer
-_DATA = int(T.DATA)  # an IntEnum member costs __index__ in struct.pack
+_DATA = int(T.DATA)
+_FUA = wire.FLAG_FUA  # an IntEnum member costs __index__ in struct.pack
 
 
 class ResourceError(Exception):
@@ -152,6 +153,7 @@ class Resource(BlockDevice):
         # start_write's fast path may run: kept by _refresh_fast_path at every change of what
         # it depends on, so a guest write tests one attribute instead of eight conditions.
         self._fast_path = False
+        self._protocol_b = cfg.protocol == "B"  # the secondary's DATA path asks per frame
         self._sweep: SweepPlanner | None = None
         self._sweep_kind = ""  # "resync" or "verify"
         self._sweep_task: asyncio.Task | None = None
@@ -886,16 +888,18 @@ class Resource(BlockDevice):
         if self.role is _PRIMARY:
             link.refuse("both nodes are Primary")
             return
-        seq, offset, data, fua = f.id, f.offset, f.payload, bool(f.flags & wire.FLAG_FUA)
+        seq, offset, data, fua = f.id, f.offset, f.payload, f.flags & _FUA
         n = len(data)
-        if self.cfg.protocol == "B":
+        if self._protocol_b:
             link.send_frame(T.RECV_ACK, 0, seq, 0, 0)
-        if (not self.applyq and not fua and n <= INLINE_WRITE_BYTES_MAX
-                and offset + n <= self.size_bytes):
+        if (not fua and n <= INLINE_WRITE_BYTES_MAX and offset + n <= self.size_bytes
+                and not self.applyq):
             # The common case: nothing received earlier is still being applied (so no
             # ordering rule can hold this write back) and the write is a small page-cache
             # one. Apply it now, on this stack: no queue entry, no coroutine, no callback.
-            self._epoch_seen = max(self._epoch_base + f.aux, self._epoch_seen)
+            epoch = self._epoch_base + f.aux
+            if epoch > self._epoch_seen:
+                self._epoch_seen = epoch
             try:
                 self.volume.write_inline(offset, data)
             except OSError as e:
@@ -908,7 +912,7 @@ class Resource(BlockDevice):
             return
 
         async def apply() -> None:
-            await self.volume.write(offset, data, fua)
+            await self.volume.write(offset, data, bool(fua))
             if self.repl is Repl.SYNC_TARGET:
                 self.meta.bitmap.clear_range(offset, len(data))  # fully covered blocks
 
