@@ -144,6 +144,14 @@ async def _events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def in_sync(resource: dict) -> bool:
+    """A resource of `rblock status --json` is in sync: its disk and every peer's UpToDate,
+    replication Established, nothing out of sync (what scripts wait for after a resync)."""
+    return resource["disk"] == "UpToDate" and all(
+        p["disk"] == "UpToDate" and p["replication"] == "Established"
+        and not p["out_of_sync_bytes"] for p in resource["peers"])
+
+
 class ControlError(Exception):
     """The node refused a command or could not be reached; the message says which."""
 

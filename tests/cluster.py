@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from rblock.control import in_sync
+
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("alpha", "beta")
 UP_TIMEOUT_S = 20.0
@@ -197,15 +199,8 @@ class Cluster:
 
     def wait_synced(self, timeout_s: float = 60.0) -> None:
         """Both nodes Connected, Established, UpToDate, nothing out of sync."""
-        def synced() -> bool:
-            for node in NODES:
-                r = self.res(node)
-                p = r["peers"][0]
-                if (r["disk"] != "UpToDate" or p["disk"] != "UpToDate"
-                        or p["replication"] != "Established" or p["out_of_sync_bytes"]):
-                    return False
-            return True
-        self.wait(synced, timeout_s, "both nodes in sync")
+        self.wait(lambda: all(in_sync(self.res(node)) for node in NODES), timeout_s,
+                  "both nodes in sync")
 
     def start_fresh(self, primary: str = "alpha") -> None:
         """create-md, up both, force the first promotion on PRIMARY, wait for the full sync."""

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rblock import config as rconfig
+from rblock.control import in_sync
 from rblock.units import format_hostport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,15 +207,8 @@ class DemoCluster:
                   "both nodes Connected")
 
     def wait_synced(self, timeout_s: float = 60.0) -> None:
-        def synced() -> bool:
-            for node in NODES:
-                r = self.res(node)
-                p = r["peers"][0]
-                if (r["disk"] != "UpToDate" or p["disk"] != "UpToDate"
-                        or p["replication"] != "Established" or p["out_of_sync_bytes"]):
-                    return False
-            return True
-        self.wait(synced, "both nodes UpToDate, nothing out of sync", timeout_s)
+        self.wait(lambda: all(in_sync(self.res(node)) for node in NODES),
+                  "both nodes UpToDate, nothing out of sync", timeout_s)
 
 
 @contextmanager
