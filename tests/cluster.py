@@ -20,7 +20,6 @@ Every node is stopped by PID when the test ends (the `cluster` fixture in confte
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rblock.control import in_sync
+from tools.procs import stop_by_pid
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("alpha", "beta")
@@ -148,16 +148,11 @@ class Cluster:
         return "\n".join(p.read_text(errors="replace") for p in self.logs[node])
 
     def kill(self, node: str, sig: int = signal.SIGKILL) -> int:
-        proc = self.procs.pop(node)
-        if proc.poll() is None:
-            os.kill(proc.pid, sig)
-        try:
-            return proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        status, killed = stop_by_pid(self.procs.pop(node), sig, STOP_TIMEOUT_S)
+        if killed:
             raise AssertionError(f"{node} did not stop within {STOP_TIMEOUT_S}s of signal "
-                                 f"{sig}") from None
+                                 f"{sig}")
+        return status
 
     def stop(self, node: str) -> int:
         return self.kill(node, signal.SIGTERM)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.procs import stop_by_pid
+
 REPO = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 20.0
 SERVER_STOP_TIMEOUT_S = 20.0
@@ -41,14 +43,7 @@ class Server:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal the server by PID and wait; returns its exit status."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_by_pid(self.proc, sig, SERVER_STOP_TIMEOUT_S)[0]
 
 
 def start_server(args: list[str], workdir: Path, env: dict | None = None) -> Server:

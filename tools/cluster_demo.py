@@ -39,6 +39,7 @@ from pathlib import Path
 from rblock import config as rconfig
 from rblock.control import in_sync
 from rblock.units import format_hostport
+from tools.procs import stop_by_pid
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "two-nodes.toml"
@@ -155,16 +156,11 @@ class DemoCluster:
     def stop(self, node: str, sig: int = signal.SIGTERM) -> int:
         """Signal NODE's process by PID and wait for it (SIGKILL after STOP_TIMEOUT_S)."""
         proc = self.procs.pop(node)
-        if proc.poll() is None:
-            os.kill(proc.pid, sig)
-        try:
-            return proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        status, killed = stop_by_pid(proc, sig, STOP_TIMEOUT_S)
+        if killed:
             print(f"{node} (pid {proc.pid}) ignored signal {sig} for {STOP_TIMEOUT_S:.0f}s: "
                   "killed", file=sys.stderr)
-            return proc.returncode
+        return status
 
     def stop_all(self) -> dict[str, int]:
         return {node: self.stop(node) for node in list(self.procs)}
