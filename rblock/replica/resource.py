@@ -244,19 +244,22 @@ class Resource(BlockDevice):
         try:
             self.volume.write_inline(offset, data)
         except OSError as e:
-            meta.al_unpin_range(first, last)
-            del self._writes_inflight[inflight]
-            self.tracker.close_epoch()
+            self._write_ended(first, last, inflight)
             done(token, e)
             return
         if wait_ack:
             w.on_ack = self._fast_acked
             w.ctx = (done, token, first, last, inflight)
             return
-        meta.al_unpin_range(first, last)  # protocol A: done once written and handed over
+        self._write_ended(first, last, inflight)  # protocol A: written and handed over
+        done(token, None)
+
+    def _write_ended(self, first: int, last: int, inflight: int) -> None:
+        """What every guest write does last, however it ended: its activity-log extents
+        unpinned, its in-flight entry gone, its epoch closed."""
+        self.meta.al_unpin_range(first, last)
         del self._writes_inflight[inflight]
         self.tracker.close_epoch()
-        done(token, None)
 
     def _refresh_fast_path(self) -> None:
         """`_replicating_link()`, this disk UpToDate, no invalidate and no connect handshake
@@ -278,18 +281,24 @@ class Resource(BlockDevice):
         """The end of a `start_write` fast-path write: what `_replicated` does after its
         waiter, and its `finally`."""
         done, token, first, last, inflight = w.ctx
-        exc = None
+        exc = self._peer_outcome(w.offset, w.length, applied, True)
+        self._write_ended(first, last, inflight)
+        done(token, exc)
+
+    def _peer_outcome(self, offset: int, length: int, applied: bool,
+                      data: bool) -> DeviceError | None:
+        """A replicated write's answer from the peer (APPLIED: it has the write) -> the error
+        the guest gets, if any. A write the peer lacks fails while this disk is not UpToDate:
+        the resync will overwrite it here. A DATA write (DATA) both nodes hold on a
+        SyncTarget needs no resync, and reads of it may stay local."""
         if not applied:
             if self.disk is not _UPTODATE:
-                exc = DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not confirm "
-                                             f"a write at {w.offset} and the disk on "
-                                             f"{self.node} is {self.disk.value}")
-        elif self.repl is _SYNC_TARGET:
-            self.meta.bitmap.clear_range(w.offset, w.length)
-        self.meta.al_unpin_range(first, last)
-        del self._writes_inflight[inflight]
-        self.tracker.close_epoch()
-        done(token, exc)
+                return DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not confirm "
+                                              f"a write at {offset} and the disk on "
+                                              f"{self.node} is {self.disk.value}")
+        elif data and self.repl is _SYNC_TARGET:
+            self.meta.bitmap.clear_range(offset, length)
+        return None
 
     def write(self, offset: int, data: memoryview,  # type: ignore[override]
               fua: bool) -> Coroutine[Any, Any, None]:
@@ -388,20 +397,11 @@ class Resource(BlockDevice):
                 if link.congested:
                     await link.drained()  # protocol A: bounded by the link's send buffer
             else:
-                applied = await waiter
-                if not applied and self.disk is not Disk.UPTODATE:
-                    # Not on the peer, and the resync will overwrite it here: a failed write.
-                    raise DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not "
-                                                 f"confirm a write at {offset} and the disk on "
-                                                 f"{self.node} is {self.disk.value}")
-                if applied and local is None and self.repl is Repl.SYNC_TARGET:
-                    # Written here and applied on the source: these blocks need no resync,
-                    # and reads of them may stay local.
-                    self.meta.bitmap.clear_range(offset, length)
+                exc = self._peer_outcome(offset, length, await waiter, local is None)
+                if exc is not None:
+                    raise exc
         finally:
-            self.meta.al_unpin_range(first, last)
-            del self._writes_inflight[token]
-            self.tracker.close_epoch()
+            self._write_ended(first, last, token)
 
     async def _write_local(self, offset: int, flags: int, payload: bytes | memoryview,
                            local: Callable | None) -> None:
