@@ -104,16 +104,16 @@ else
     echo "NO-DISK"
 fi
 
-case "$(param peek)" in
-    "" | 0) ;;
-    *)
-        if dd if=/dev/vda of=/tmp/peek bs=512 count=1 iflag=direct 2>/dev/null; then
-            echo "PEEK:$(tr -d '\000' </tmp/peek)"
-        else
-            echo "PEEK-ERR"
-        fi
-        ;;
-esac
+# Prints sector 0 of the disk as "LABEL:text" (NULs dropped), or "LABEL-ERR".
+show_sector0() {
+    if dd if=/dev/vda of=/tmp/sector0 bs=512 count=1 iflag=direct 2>/dev/null; then
+        echo "$1:$(tr -d '\000' </tmp/sector0)"
+    else
+        echo "$1-ERR"
+    fi
+}
+
+case "$(param peek)" in "" | 0) ;; *) show_sector0 PEEK ;; esac
 
 mark=$(param write)
 if [ -n "$mark" ]; then
@@ -127,16 +127,7 @@ if [ -n "$mark" ]; then
     fi
 fi
 
-case "$(param read)" in
-    "" | 0) ;;
-    *)
-        if dd if=/dev/vda of=/tmp/sector0 bs=512 count=1 iflag=direct 2>/dev/null; then
-            echo "READ:$(tr -d '\000' </tmp/sector0)"
-        else
-            echo "READ-ERR"
-        fi
-        ;;
-esac
+case "$(param read)" in "" | 0) ;; *) show_sector0 READ ;; esac
 
 n=$(param loop)
 case "$n" in "" | *[!0-9]*) n=0 ;; esac
