@@ -100,7 +100,7 @@ async def _run(cfg: Any, args: argparse.Namespace) -> int:
     from hvctl.controller import Controller, HvError
     from hvctl.virt import VirtError
     from rblock.config import ConfigError
-    from rblock.control import ControlError
+    from rblock.control_client import ControlError
 
     ctl = Controller(cfg)
     try:

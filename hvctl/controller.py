@@ -39,7 +39,7 @@ from hvctl.domain import DomainSpec, NbdDisk, parse_xml
 from hvctl.probe import Prober, ProbeResult
 from hvctl.virt import EVENT_QUEUE_MAX, LifecycleEvent, NodeVirt, VirtError
 from rblock.config import ConfigError
-from rblock.control import ControlClient, ControlError
+from rblock.control_client import ControlClient, ControlError
 
 log = logging.getLogger("hvctl")
 

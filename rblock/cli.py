@@ -6,20 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from rblock.nbd.handshake import TLSMode
 from rblock.units import parse_hostport, parse_size
-
-
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run the daemon coroutine on uvloop (a dependency; falls back to asyncio if absent)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -142,17 +131,19 @@ def _cmd_create_md(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from rblock.control_server import ControlServerError
     from rblock.node import Node, NodeError
+    from rblock.runner import run_async
 
     cfg = _load(args)
     try:
         return run_async(Node(cfg, args.node).run())
-    except NodeError as e:
+    except (NodeError, ControlServerError) as e:
         return _usage(str(e))
 
 
 def _client(args: argparse.Namespace):
-    from rblock.control import ControlClient
+    from rblock.control_client import ControlClient
 
     return ControlClient(_load(args).node(args.node).control)
 
@@ -160,7 +151,7 @@ def _client(args: argparse.Namespace):
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from rblock.control import ControlError
+    from rblock.control_client import ControlError
 
     try:
         st = asyncio.run(_client(args).status())
@@ -200,7 +191,7 @@ def _mib(n: int) -> str:
 def _cmd_events(args: argparse.Namespace) -> int:
     import json
 
-    from rblock.control import ControlError
+    from rblock.control_client import ControlError
 
     async def follow() -> None:
         async for ev in _client(args).events():
@@ -221,7 +212,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 def _cmd_action(args: argparse.Namespace) -> int:
-    from rblock.control import ControlError
+    from rblock.control_client import ControlError
 
     body = {}
     if getattr(args, "force", False):

@@ -47,6 +47,12 @@ PROTOCOLS = ("A", "B", "C")
 PING_INTERVAL_S_DEFAULT = 1.0
 PEER_TIMEOUT_S_DEFAULT = 4.0
 CONNECT_RETRY_MAX_S_DEFAULT = 5.0
+# A peer that answers pings but not a write, flush or read for this long is dropped (DRBD's
+# timeout x ko-count): the writes waiting for it then complete without it.
+ACK_TIMEOUT_S_DEFAULT = 30.0
+AL_EXTENTS_DEFAULT = 1237  # DRBD's default al-extents: 4.8 GiB of 4 MiB extents hot at once
+AL_EXTENTS_MIN = 16  # a 32 MiB write (the NBD maximum) touches up to 9 extents at once
+AL_EXTENTS_MAX = 2042  # what one activity-log slot holds
 RESYNC_RATE_DEFAULT = "200M"
 META_SUFFIX = ".meta"
 
@@ -56,7 +62,7 @@ TLS_EXAMPLES = {"tls_cert": "pki/{node}-cert.pem", "tls_key": "pki/{node}-key.pe
                 "tls_ca": "pki/ca-cert.pem"}
 RESOURCE_KEYS = (
     "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
-    "connect_retry_max_s", "resync_rate", "tls",
+    "connect_retry_max_s", "resync_rate", "tls", "ack_timeout_s", "al_extents",
 )
 NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS)
 ADDRESS_KEYS = ("replication", "control", "nbd")
@@ -122,6 +128,8 @@ class ResourceConfig:
     resync_rate_bytes_per_s: int = 200 << 20
     nodes: tuple[str, ...] = ()  # the nodes with a disk for it, in file order
     tls: bool = False  # the peer link runs in TLS, both certificates checked against the CA
+    ack_timeout_s: float = ACK_TIMEOUT_S_DEFAULT
+    al_extents: int = AL_EXTENTS_DEFAULT  # activity-log extents hot at once (DRBD al-extents)
 
 
 @dataclass(frozen=True)
@@ -298,9 +306,21 @@ class _Loader:
         if not isinstance(tls, bool):
             raise self.fail(f"{key}.tls", f"{_show(tls)} is not true or false; set tls = true "
                             "(TLS on the peer link) or remove the line")
+        # By default well above the peer timeout, whatever it is set to.
+        ack = self.seconds(key, t, "ack_timeout_s", max(ACK_TIMEOUT_S_DEFAULT, 2 * timeout))
+        if ack <= timeout:
+            raise self.fail(f"{key}.ack_timeout_s", f"{ack:g} is not more than peer_timeout_s "
+                            f"({timeout:g}); a slow but live peer would be dropped before a "
+                            f"dead one is noticed; set ack_timeout_s = {max(30, 2 * timeout):g}")
+        al = t.get("al_extents", AL_EXTENTS_DEFAULT)
+        if (isinstance(al, bool) or not isinstance(al, int)
+                or not AL_EXTENTS_MIN <= al <= AL_EXTENTS_MAX):
+            raise self.fail(f"{key}.al_extents", f"{_show(al)} is not a whole number from "
+                            f"{AL_EXTENTS_MIN} to {AL_EXTENTS_MAX} (4 MiB extents kept hot "
+                            f"in the activity log); set al_extents = {AL_EXTENTS_DEFAULT}")
         return dict(size_bytes=size_bytes, protocol=protocol.upper(), secret=secret,
                     ping_interval_s=ping, peer_timeout_s=timeout, connect_retry_max_s=retry,
-                    resync_rate_bytes_per_s=rate, tls=tls)
+                    resync_rate_bytes_per_s=rate, tls=tls, ack_timeout_s=ack, al_extents=al)
 
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

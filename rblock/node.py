@@ -17,12 +17,14 @@ import logging
 import os
 import signal
 import ssl
+from pathlib import Path
 
-from rblock.config import ClusterConfig, NodeConfig
-from rblock.control import EventBus, start_control
+from rblock.config import ClusterConfig, NodeConfig, ResourceConfig
+from rblock.control_server import EventBus, start_control
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
+from rblock.replica.effects import Event
 from rblock.replica.link import (
     AUTH_TIMEOUT_S,
     PeerLink,
@@ -31,7 +33,7 @@ from rblock.replica.link import (
     TLSFilesError,
     describe_tls_error,
 )
-from rblock.replica.resource import Event, Resource
+from rblock.replica.resource import Resource
 from rblock.replica.state import Conn, Role
 from rblock.replica.wire import LinkError
 from rblock.store.metadata import Metadata, MetadataError
@@ -106,19 +108,36 @@ class Node:
                 raise NodeError(f"no metadata for {res.name} on {self.name} ({meta_path}); run "
                                 f"'rblock create-md --config {self.cfg.path} --node {self.name} "
                                 f"{res.name}' first")
-            try:
-                meta = Metadata.open(str(meta_path), self.name, res.name, res.size_bytes)
-            except MetadataError as e:
-                raise NodeError(str(e)) from None
-            try:
-                volume = FileVolume(str(disk))
-            except OSError as e:
-                meta.close()
-                raise NodeError(f"cannot open disk {disk} of {res.name}: {e.strerror}") from None
+            volume, meta = self._open_disk(res, disk, meta_path)
             peer = self.cfg.peers(res.name, self.name)[0]
-            r = Resource(self.name, res, peer, volume, meta, self._emit)
+            r = Resource(self.name, res, peer.name, volume, meta, self._emit,
+                         open_disk=lambda res=res, disk=disk, mp=meta_path:
+                         self._open_disk(res, disk, mp))
             r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
             self.resources[res.name] = r
+
+    def _open_disk(self, res: ResourceConfig, disk: Path, meta_path: Path
+                   ) -> tuple[FileVolume, Metadata]:
+        """A resource's metadata, then its backing disk, each checked; raises NodeError."""
+        try:
+            meta = Metadata.open(str(meta_path), self.name, res.name, res.size_bytes,
+                                 al_extents_max=res.al_extents)
+        except MetadataError as e:
+            raise NodeError(str(e)) from None
+        try:
+            size = _disk_size(disk)
+            if size < res.size_bytes:
+                raise NodeError(f"disk {disk} of {res.name} is {size} bytes, smaller than the "
+                                f"resource ({res.size_bytes} bytes); grow the disk or shrink "
+                                f"size in [resource.{res.name}]")
+            volume = FileVolume(str(disk))
+        except OSError as e:
+            meta.close()
+            raise NodeError(f"cannot open disk {disk} of {res.name}: {e.strerror}") from None
+        except NodeError:
+            meta.close()
+            raise
+        return volume, meta
 
     def _emit(self, ev: Event) -> None:
         level = logging.WARNING if ev.what in ("split-brain",) else logging.INFO
@@ -282,6 +301,15 @@ class Node:
             await listen(addr.host, addr.port)
         except OSError as e:
             raise NodeError(f"cannot listen for {what} on {addr}: {e.strerror}") from None
+
+
+def _disk_size(path: Path) -> int:
+    """Bytes in a file or block device (a block device's stat size is 0)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _handshake_failure(e: OSError) -> bool:

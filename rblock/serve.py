@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rblock.nbd.handshake import TLSMode
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
+from rblock.runner import run_async
 from rblock.store.volume import FileVolume, create_image
 from rblock.units import format_hostport
 
@@ -154,8 +155,6 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def run(opts: ServeOptions) -> int:
-    from rblock.cli import run_async
-
     try:
         return run_async(serve(opts))
     except ServeError as e:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from rblock.control import in_sync
+from rblock.control_client import in_sync
 from tools.procs import stop_by_pid
 
 REPO = Path(__file__).resolve().parent.parent

@@ -43,8 +43,15 @@ BITS_PER_PAGE = PAGE_BYTES * 8
 
 def crash(md: Metadata) -> None:
     """Stop without flushing anything, as a killed process would."""
-    os.close(md.fd)
-    md.fd = -1
+    md.abandon()
+
+
+def opened(path: str, **kw) -> Metadata:
+    """Open and close again (each open holds the file's lock until closed): what was
+    loaded stays readable."""
+    md = Metadata.open(path, **kw)
+    md.close()
+    return md
 
 
 @pytest.fixture
@@ -240,7 +247,7 @@ def test_superblock_slot_crc_is_crc32c(path):
     with open(path, "rb") as f:
         slot = f.read(SB_SLOT_BYTES)
     magic, version, seq, body_len = struct.unpack_from(">8sIQI", slot)
-    assert (magic, version) == (b"RBLKMETA", 1)
+    assert (magic, version) == (b"RBLKMETA", 2)
     end = 24 + body_len
     (crc,) = struct.unpack_from(">I", slot, end)
     assert crc == crcmod.predefined.mkCrcFun("crc-32c")(slot[:end])
@@ -257,7 +264,8 @@ def test_create_writes_a_fresh_superblock(path):
     assert md.bitmap.nbits == GiB // BLOCK_BYTES and md.bitmap.count() == 0
     assert md.al_active() == []
     md.close()
-    assert os.path.getsize(path) == BITMAP_OFFSET + GiB // BLOCK_BYTES // 8
+    # 8 bitmap pages, then their CRC table (8 entries, rounded up to one page)
+    assert os.path.getsize(path) == BITMAP_OFFSET + GiB // BLOCK_BYTES // 8 + PAGE_BYTES
 
 
 def test_superblock_round_trip(path):
@@ -289,13 +297,13 @@ def test_unknown_top_level_keys_survive_a_rewrite(path):
     later = Superblock(node="alpha", resource="r0", size_bytes=GiB, extra={"quorum": 3})
     slot = M._encode_sb_slot(md.sb_seq + 1, later)
     assert b'"quorum":3' in slot
-    os.pwrite(md.fd, slot, ((md.sb_seq + 1) % 2) * SB_SLOT_BYTES)
+    md.file.pwrite(slot, ((md.sb_seq + 1) % 2) * SB_SLOT_BYTES)
     md.close()
     md = Metadata.open(path)
     assert md.sb.extra == {"quorum": 3}
     md.write_superblock(disk_state="outdated")
     md.close()
-    assert Metadata.open(path).sb.extra == {"quorum": 3}
+    assert opened(path).sb.extra == {"quorum": 3}
 
 
 @pytest.mark.parametrize("changes", [
@@ -326,7 +334,7 @@ def test_torn_newest_slot_falls_back_to_previous(path, caplog):
     md.write_superblock(disk_state="uptodate")
     # A torn write: the first half of the slot made it, the rest is stale zeros.
     off = newest_slot_offset(md)
-    os.pwrite(md.fd, bytes(SB_SLOT_BYTES // 2), off + 40)
+    md.file.pwrite(bytes(SB_SLOT_BYTES // 2), off + 40)
     md.close()
     with caplog.at_level(logging.WARNING, logger="rblock.meta"):
         md = Metadata.open(path)
@@ -337,7 +345,7 @@ def test_torn_newest_slot_falls_back_to_previous(path, caplog):
     md.close()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rblock.meta"):
-        assert Metadata.open(path).sb.disk_state == "uptodate"
+        assert opened(path).sb.disk_state == "uptodate"
     assert caplog.text == ""
 
 
@@ -347,10 +355,10 @@ def test_flipped_byte_in_newest_slot_falls_back(path, where):
     old = md.write_superblock(uuid_bitmap=7)
     md.write_superblock(uuid_bitmap=8)
     off = newest_slot_offset(md) + where
-    byte = os.pread(md.fd, 1, off)
-    os.pwrite(md.fd, bytes([byte[0] ^ 0x40]), off)
+    byte = md.file.pread(1, off)
+    md.file.pwrite(bytes([byte[0] ^ 0x40]), off)
     md.close()
-    assert Metadata.open(path).sb == old
+    assert opened(path).sb == old
 
 
 def test_both_slots_corrupt_is_an_error_naming_file_and_fix(path):
@@ -369,18 +377,18 @@ def test_valid_crc_with_invalid_content_counts_as_corrupt(path):
     md = Metadata.create(path, "alpha", "r0", GiB)
     good = md.sb
     bad = Superblock(node="alpha", resource="r0", size_bytes=GiB, disk_state="weird")
-    os.pwrite(md.fd, M._encode_sb_slot(md.sb_seq + 1, bad), ((md.sb_seq + 1) % 2) * 4096)
+    md.file.pwrite(M._encode_sb_slot(md.sb_seq + 1, bad), ((md.sb_seq + 1) % 2) * 4096)
     md.close()
-    assert Metadata.open(path).sb == good
+    assert opened(path).sb == good
 
 
 def test_newer_format_version_is_refused(path):
     md = Metadata.create(path, "alpha", "r0", GiB)
     body = md.sb.to_json()
-    head = struct.pack(">8sIQI", b"RBLKMETA", 2, 9, len(body)) + body
-    os.pwrite(md.fd, head + struct.pack(">I", crc32c.crc32c(head)), SB_SLOT_BYTES)
+    head = struct.pack(">8sIQI", b"RBLKMETA", 3, 9, len(body)) + body
+    md.file.pwrite(head + struct.pack(">I", crc32c.crc32c(head)), SB_SLOT_BYTES)
     md.close()
-    with pytest.raises(MetadataError, match="format version 2"):
+    with pytest.raises(MetadataError, match="format version 3"):
         Metadata.open(path)
 
 
@@ -420,7 +428,7 @@ def test_create_refuses_existing_metadata_unless_forced(path):
     with pytest.raises(MetadataError) as e:
         Metadata.create(path, "alpha", "r0", GiB)
     assert path in str(e.value) and "--force" in str(e.value)
-    assert Metadata.open(path).bitmap.count() == GiB // BLOCK_BYTES  # untouched
+    assert opened(path).bitmap.count() == GiB // BLOCK_BYTES  # untouched
     md = Metadata.create(path, "beta", "r0", 2 * GiB, force=True)
     assert md.bitmap.count() == 0 and md.sb.node == "beta"
     md.close()
@@ -527,7 +535,7 @@ def test_one_tib_disk_metadata_is_quick_and_sparse(path):
     assert md.bitmap.count() == 1 and md.bitmap.next_run(0, 8) == (TiB // BLOCK_BYTES - 1, 1)
     md.close()
     st_ = os.stat(path)
-    assert st_.st_size == BITMAP_OFFSET + 32 * MiB
+    assert st_.st_size == BITMAP_OFFSET + 32 * MiB + 32 * 1024  # bitmap, 8192 CRCs
     assert st_.st_blocks * 512 < MiB  # sparse: only the pages ever written
     assert elapsed_s < 3, f"create + open of 1 TiB metadata took {elapsed_s:.2f} s"
 
@@ -659,9 +667,9 @@ def test_al_torn_slot_falls_back_to_previous(path):
     md.al_activate([1, 2])
     md.al_activate([3])
     off = AL_OFFSET + (md.al_seq % 2) * AL_SLOT_BYTES
-    os.pwrite(md.fd, b"\xff\xff\xff\xff", off + 20)
+    md.file.pwrite(b"\xff\xff\xff\xff", off + 20)
     md.close()
-    assert Metadata.open(path).al_active() == [1, 2]
+    assert opened(path).al_active() == [1, 2]
 
 
 # --- crashes -------------------------------------------------------------------------------
@@ -739,3 +747,331 @@ def test_unreadable_al_after_a_crash_marks_the_whole_disk(path, caplog):
     assert "whole disk" in caplog.text
     assert md.recover_crash() == GiB // BLOCK_BYTES
     md.close()
+
+
+# --- bitmap page CRCs ----------------------------------------------------------------------
+
+FOUR_GIB_PAGES = 4 * GiB // BLOCK_BYTES // BITS_PER_PAGE  # 32 pages of 128 MiB of disk each
+
+
+def page_offset(page: int) -> int:
+    return BITMAP_OFFSET + page * PAGE_BYTES
+
+
+def crc_entry_offset(size: int, page: int) -> int:
+    return M.crc_table_offset(size) + 4 * page
+
+
+def patch_file(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def flip_bit(path: str, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def written_bitmap(path: str, size: int = 4 * GiB) -> bytes:
+    """Fresh metadata with a few bits on pages 0, 3 and 5, flushed and closed."""
+    md = Metadata.create(path, "alpha", "r0", size)
+    for page in (0, 3, 5):
+        md.bitmap.set_blocks(page * BITS_PER_PAGE + 7, 3)
+    md.flush_bitmap()
+    expect = md.bitmap.to_bytes()
+    md.close()
+    return expect
+
+
+def assert_page_all_set_rest_as_written(md: Metadata, page: int, expect: bytes) -> None:
+    first = page * BITS_PER_PAGE
+    count = min(BITS_PER_PAGE, md.bitmap.nbits - first)
+    assert md.bitmap.next_run(first, BITS_PER_PAGE + 1) == (first, count)
+    got = md.bitmap.to_bytes()
+    a, z = page * PAGE_BYTES, (page + 1) * PAGE_BYTES
+    assert got[:a] == expect[:a] and got[z:] == expect[z:]  # the other pages as written
+    assert md.bitmap.count() == count + sum(
+        bin(b).count("1") for b in expect[:a] + expect[z:])
+
+
+def test_create_fills_the_crc_table_with_the_zero_page_crc(path):
+    Metadata.create(path, "alpha", "r0", 4 * GiB).close()
+    with open(path, "rb") as f:
+        f.seek(M.crc_table_offset(4 * GiB))
+        table = f.read(PAGE_BYTES)
+    zero_crc = crcmod.predefined.mkCrcFun("crc-32c")(bytes(PAGE_BYTES))
+    assert zero_crc != 0
+    assert table == struct.pack(">I", zero_crc) * FOUR_GIB_PAGES + bytes(PAGE_BYTES - 4 * 32)
+
+
+def test_flush_writes_each_pages_crc(path):
+    expect = written_bitmap(path)
+    crc = crcmod.predefined.mkCrcFun("crc-32c")
+    with open(path, "rb") as f:
+        for page in range(FOUR_GIB_PAGES):
+            f.seek(crc_entry_offset(4 * GiB, page))
+            (entry,) = struct.unpack(">I", f.read(4))
+            assert entry == crc(expect[page * PAGE_BYTES:(page + 1) * PAGE_BYTES]), page
+
+
+@pytest.mark.parametrize("damage", ["zero page", "zero page and its CRC", "flip a bit",
+                                    "flip a CRC bit", "page written, CRC not"])
+def test_damaged_bitmap_page_is_taken_as_all_set(path, caplog, damage):
+    expect = written_bitmap(path)
+    if damage == "zero page":
+        patch_file(path, page_offset(3), bytes(PAGE_BYTES))
+    elif damage == "zero page and its CRC":
+        patch_file(path, page_offset(3), bytes(PAGE_BYTES))
+        patch_file(path, crc_entry_offset(4 * GiB, 3), bytes(4))
+    elif damage == "flip a bit":
+        flip_bit(path, page_offset(3) + 2000, 5)  # a bit that was clear: it looks set
+    elif damage == "flip a CRC bit":
+        flip_bit(path, crc_entry_offset(4 * GiB, 3) + 1, 2)
+    else:  # a write-back that set a new bit reached the page, not the table
+        flip_bit(path, page_offset(3) + 100, 1)
+    with caplog.at_level(logging.WARNING, logger="rblock.meta"):
+        md = Metadata.open(path, "alpha", "r0", 4 * GiB)
+    assert md.bitmap_pages_bad == (3,)
+    assert_page_all_set_rest_as_written(md, 3, expect)
+    warning = caplog.text
+    assert path in warning and "page 3 " in warning
+    assert f"disk bytes {3 * 128 * MiB}-{4 * 128 * MiB - 1}" in warning
+    assert "resynced in full" in warning
+    md.close()  # the page was dirtied: written back, with its CRC
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rblock.meta"):
+        md = opened(path)
+    assert md.bitmap_pages_bad == () and caplog.text == ""
+    assert_page_all_set_rest_as_written(md, 3, expect)
+
+
+def test_torn_write_back_leaves_its_pages_all_set(path):
+    """A crash in the middle of a flush: the pages reached the disk, their CRCs did not."""
+    expect = written_bitmap(path)
+    md = Metadata.open(path)
+    md.bitmap.set_blocks(3 * BITS_PER_PAGE + 1000, 1)
+    md.bitmap.set_blocks(4 * BITS_PER_PAGE + 5, 1)  # pages 3 and 4: one run, one pwrite
+    with mock.patch.object(M, "_write_crc_entries", side_effect=OSError(5, "EIO")), \
+            pytest.raises(OSError):
+        md.flush_bitmap()
+    crash(md)
+    md = Metadata.open(path)
+    assert md.bitmap_pages_bad == (3, 4)
+    for page in (3, 4):
+        assert md.bitmap.page_bytes(page) == b"\xff" * PAGE_BYTES
+    for p in range(FOUR_GIB_PAGES):
+        if p not in (3, 4):
+            assert md.bitmap.page_bytes(p) == expect[p * PAGE_BYTES:(p + 1) * PAGE_BYTES], p
+    md.close()
+
+
+def test_garbage_past_the_end_of_the_last_page_is_a_bad_page(path):
+    """A bit past the last block used to make open fail ("bitmap is corrupt"); with a CRC
+    it is a damaged page like any other."""
+    size = 130 * MiB  # 33280 blocks: page 1 holds the bits of the last 512
+    md = Metadata.create(path, "alpha", "r0", size)
+    md.bitmap.set_blocks(5, 1)
+    md.close()
+    flip_bit(path, page_offset(1) + 100, 0)  # byte 4196 of the bitmap: past its 4160 bytes
+    md = Metadata.open(path)
+    assert md.bitmap_pages_bad == (1,)
+    assert md.bitmap.count() == 1 + 512 and md.bitmap.next_run(6, 10**6) == (32768, 512)
+    md.close()
+
+
+def test_many_bad_pages_are_logged_in_runs_and_bounded(path, caplog):
+    Metadata.create(path, "alpha", "r0", 4 * GiB).close()
+    for page in (1, 2, 3, *range(10, 32, 2)):  # one run of 3, then 11 single pages
+        patch_file(path, crc_entry_offset(4 * GiB, page), bytes(4))
+    with caplog.at_level(logging.WARNING, logger="rblock.meta"):
+        md = opened(path)
+    assert len(md.bitmap_pages_bad) == 14
+    lines = [r.getMessage() for r in caplog.records]
+    assert "pages 1-3 " in lines[0]
+    assert len(lines) == M.BAD_PAGE_RUNS_LOGGED_MAX + 1
+    assert "4 more runs of bitmap pages (4 pages)" in lines[-1]
+
+
+# --- format version 1 (no CRC table) -------------------------------------------------------
+
+
+def write_v1_file(path: str, size: int, blocks: list[int], clean: bool = True) -> bytes:
+    """A version-1 file as rblock 1 wrote it: superblocks, AL slots, bitmap, nothing after
+    the bitmap. Returns the bitmap."""
+    sb = Superblock(node="alpha", resource="r0", size_bytes=size, disk_state="uptodate",
+                    clean_shutdown=clean, uuid_current=0xABCDEF)
+    bm = Bitmap(size // BLOCK_BYTES)
+    for b in blocks:
+        bm.set_blocks(b, 1)
+    with open(path, "wb") as f:
+        for seq in range(2):
+            f.seek(seq * SB_SLOT_BYTES)
+            f.write(M._encode_sb_slot(seq + 5, sb, version=1))
+            f.seek(AL_OFFSET + seq * AL_SLOT_BYTES)
+            f.write(M._encode_al_slot(seq + 1, [2] if seq else []))
+        f.seek(BITMAP_OFFSET)
+        f.write(bm.to_bytes())
+        f.truncate(BITMAP_OFFSET + (size // BLOCK_BYTES // 8 + PAGE_BYTES - 1)
+                   // PAGE_BYTES * PAGE_BYTES)
+    return bm.to_bytes()
+
+
+def slot_versions(path: str) -> list[int]:
+    with open(path, "rb") as f:
+        return [struct.unpack_from(">8sI", f.read(SB_SLOT_BYTES))[1] for _ in range(2)]
+
+
+def test_version_1_file_is_upgraded_in_place(path, caplog):
+    bits = write_v1_file(path, GiB, [0, 70_000, 262_143])
+    assert os.path.getsize(path) == BITMAP_OFFSET + 32 * 1024
+    with caplog.at_level(logging.WARNING, logger="rblock.meta"):
+        md = Metadata.open(path, "alpha", "r0", GiB)
+    assert "upgraded in place from format version 1 to 2" in caplog.text and path in caplog.text
+    assert md.bitmap.to_bytes() == bits and md.bitmap_pages_bad == ()
+    assert md.sb.uuid_current == 0xABCDEF and md.sb.disk_state == "uptodate"
+    assert md.al_active() == [2]
+    md.close()
+    assert os.path.getsize(path) == BITMAP_OFFSET + 32 * 1024 + PAGE_BYTES
+    assert slot_versions(path) == [2, 2]  # both: a torn write never falls back to version 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rblock.meta"):
+        md = opened(path, node="alpha")
+    assert caplog.text == "" and md.bitmap.to_bytes() == bits
+    patch_file(path, page_offset(2), bytes(PAGE_BYTES))  # now a damaged page is caught
+    assert opened(path).bitmap_pages_bad == (2,)
+
+
+def test_version_1_file_after_a_crash_upgrades_then_recovers(path):
+    write_v1_file(path, GiB, [5], clean=False)
+    md = Metadata.open(path)
+    assert not md.sb.clean_shutdown
+    assert md.recover_crash() == BLOCKS_PER_EXTENT  # AL extent 2, from the version-1 slot
+    crash(md)
+    md = opened(path)
+    assert md.bitmap.count() == 1 + BLOCKS_PER_EXTENT
+
+
+def test_interrupted_upgrade_is_redone(path):
+    bits = write_v1_file(path, GiB, [9])
+    with mock.patch.object(Metadata, "write_superblock", side_effect=OSError(5, "EIO")), \
+            pytest.raises(OSError):
+        Metadata.open(path)  # the table is written, the superblock still says version 1
+    assert slot_versions(path) == [1, 1]
+    md = opened(path)  # the failed open released the file; this one upgrades again
+    assert md.bitmap.to_bytes() == bits and slot_versions(path) == [2, 2]
+
+
+# --- the metadata over a file object of the caller's -------------------------------------
+
+
+class MemFile:
+    """An in-memory MetaFile: `data` is what reads see, `durable` what a crash would leave
+    (the data as of the last sync)."""
+
+    def __init__(self, data: bytes = b"", name: str = "mem:r0.meta"):
+        self.name = name
+        self.data = bytearray(data)
+        self.durable = bytes(data)
+        self.syncs = 0
+        self.closed = False
+
+    def pread(self, length: int, offset: int) -> bytes:
+        assert not self.closed
+        return bytes(self.data[offset:offset + length])
+
+    def pwrite(self, data, offset: int) -> None:
+        assert not self.closed
+        end = offset + len(data)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    def sync(self) -> None:
+        self.syncs += 1
+        self.durable = bytes(self.data)
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_metadata_over_an_in_memory_file(tmp_path):
+    f = MemFile()
+    md = Metadata.create_on(f, "alpha", "r0", GiB, al_extents_max=4)
+    assert md.path == "mem:r0.meta" and f.size() == M.metadata_file_bytes(GiB)
+    md.mark_open()
+    md.al_activate([1, 3])
+    md.bitmap.set_range(5 * BLOCK_BYTES, BLOCK_BYTES)
+    syncs = f.syncs
+    assert md.flush_bitmap() == 1 and f.syncs == syncs + 1  # one sync for page and CRC
+    md.bitmap.set_range(AL_EXTENT_BYTES, BLOCK_BYTES)  # in memory only: the AL covers it
+    md.abandon()  # crash: only what was synced survives
+    assert f.closed
+    md = Metadata.open_on(MemFile(f.durable), "alpha", "r0", GiB)
+    assert not md.sb.clean_shutdown and md.bitmap.count() == 1
+    assert md.recover_crash() == 2 * BLOCKS_PER_EXTENT
+    md.mark_clean_shutdown()
+    g = md.file
+    md.close()
+    md = Metadata.open_on(MemFile(g.durable))
+    assert md.sb.clean_shutdown and md.bitmap.count() == 1 + 2 * BLOCKS_PER_EXTENT
+    assert md.bitmap_pages_bad == ()
+    md.close()
+    assert list(tmp_path.iterdir()) == []  # nothing went to a real file
+
+
+def test_in_memory_torn_write_back(path):
+    """The same tear through the file object: the page write lands, the CRC entry's fails."""
+
+    class TearsCrcWrites(MemFile):
+        tear = False
+
+        def pwrite(self, data, offset: int) -> None:
+            if self.tear and offset >= M.crc_table_offset(GiB):
+                raise OSError(5, "EIO")
+            super().pwrite(data, offset)
+
+    f = TearsCrcWrites()
+    md = Metadata.create_on(f, "alpha", "r0", GiB)
+    md.bitmap.set_blocks(3, 1)
+    md.bitmap.set_blocks(BITS_PER_PAGE * 4 + 3, 1)
+    md.flush_bitmap()
+    md.bitmap.set_blocks(BITS_PER_PAGE * 4 + 9, 1)
+    f.tear = True
+    with pytest.raises(OSError):
+        md.flush_bitmap()
+    md.abandon()
+    md = Metadata.open_on(MemFile(f.data))  # the page reached the disk, its CRC did not
+    assert md.bitmap_pages_bad == (4,)
+    assert md.bitmap.count() == 1 + BITS_PER_PAGE and md.bitmap.test_block(3)
+
+
+def test_open_on_failure_leaves_the_file_to_the_caller():
+    f = MemFile(b"not metadata" * 1000)
+    with pytest.raises(MetadataError, match="mem:r0.meta has no valid superblock"):
+        Metadata.open_on(f)
+    assert not f.closed
+
+
+# --- file modes ----------------------------------------------------------------------------
+
+
+def test_metadata_is_created_mode_0600(path):
+    old = os.umask(0)  # the mode must come from the code, not from a strict umask
+    try:
+        Metadata.create(path, "alpha", "r0", GiB).close()
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o600

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rblock import config as rconfig
-from rblock.control import in_sync
+from rblock.control_client import in_sync
 from rblock.units import format_hostport
 from tools.procs import stop_by_pid
 

@@ -11,13 +11,20 @@ sent with one `writelines` (one syscall for many replies).
 
 Bounds: per connection at most INFLIGHT_REQUESTS_MAX requests and INFLIGHT_BYTES_MAX payload
 bytes in flight; past either, the connection stops reading until replies drain. The same
-happens while the transport's send buffer is over its high-water mark.
+happens while the transport's send buffer is over its high-water mark. Per server at most
+CONNECTIONS_MAX connections (fewer if the open-file limit says so); more are closed at once.
+
+Memory of a connection that has not chosen an export yet (anyone who can connect can open
+many): a HANDSHAKE_BUFFER_BYTES receive buffer and the handshake's own state, for at most
+HANDSHAKE_TIMEOUT_S. The receive arena (256 KiB) is allocated when transmission starts.
+(Before, every connection got its arena at accept: 2000 idle connections cost 520 MB.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -54,7 +61,18 @@ INFLIGHT_REQUESTS_MAX = 64
 INFLIGHT_BYTES_MAX = 64 * 1024 * 1024
 SPARSE_READ_MIN_BYTES = 64 * 1024  # smaller READs skip hole detection (two lseeks)
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
-HANDSHAKE_TIMEOUT_S = 30.0  # a client idle in the option phase longer than this is dropped
+HANDSHAKE_TIMEOUT_S = 30.0  # accept to export chosen; a client still in the options is dropped
+# Receive buffer of the option phase: options are small (an export name, a few info requests)
+# and the handshake copies what it gets (OPTION_DATA_MAX_BYTES bounds an option's data), so a
+# small buffer only costs larger options a few more receives.
+HANDSHAKE_BUFFER_BYTES = 4 * 1024
+# Connections per server, in any phase: each holds a file descriptor and, once transmitting,
+# a receive arena and up to INFLIGHT_BYTES_MAX of payloads. One more is closed at accept.
+CONNECTIONS_MAX = 1000
+# File descriptors kept for the rest of the process (images, metadata, peer links, control,
+# logs): the connection limit is lowered to fit the open-file limit (ulimit -n) less this, so
+# that accept() does not fail with EMFILE instead.
+FDS_RESERVED_COUNT = 64
 DRAIN_TIMEOUT_S = 30.0  # how long shutdown waits for in-flight requests
 CLOSE_GRACE_S = 2.0  # a closing connection whose client does not read replies is then cut
 
@@ -121,18 +139,31 @@ class NBDServer:
     """Listens, runs one Connection per client, and shuts down cleanly."""
 
     def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None,
-                 tls_mode: TLSMode = TLSMode.OFF):
+                 tls_mode: TLSMode = TLSMode.OFF, *, connections_max: int = CONNECTIONS_MAX,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S):
         assert (tls_context is None) == (tls_mode is TLSMode.OFF)
         self.catalog = catalog
         self.tls_context = tls_context
         self.tls_mode = tls_mode
+        self.handshake_timeout_s = handshake_timeout_s
+        self.connections_max, self._limit_why = _connections_limit(connections_max)
         self.connections: set[Connection] = set()
+        # Connections made by the factory and not lost yet. Counted in the factory, not in
+        # connection_made (which runs a loop pass later), so a burst cannot overshoot the limit.
+        self.connections_open = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._next_id = 0
 
-    def _new_connection(self) -> Connection:
+    def _new_connection(self) -> asyncio.BaseProtocol:
+        if self.connections_open >= self.connections_max:
+            return _Refused(self)
+        self.connections_open += 1
         self._next_id += 1
         return Connection(self, self._next_id)
+
+    def _refused(self, peer: str) -> None:
+        log.warning("conn from %s refused: %d connections are open, the most this server "
+                    "takes (%s)", peer, self.connections_open, self._limit_why)
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         srv = await asyncio.get_running_loop().create_server(
@@ -160,6 +191,32 @@ class NBDServer:
             await srv.wait_closed()
 
 
+def _connections_limit(wanted: int) -> tuple[int, str]:
+    """The connection limit and, for the refusal log line, where it comes from."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft - FDS_RESERVED_COUNT >= wanted:
+        return wanted, "CONNECTIONS_MAX"
+    fit = max(1, soft - FDS_RESERVED_COUNT)
+    return fit, (f"the open-file limit {soft} less {FDS_RESERVED_COUNT} for the rest of the "
+                 f"process; raise it with ulimit -n or LimitNOFILE= for more")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the server's limit: closed at accept, before the greeting."""
+
+    def __init__(self, server: NBDServer):
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server._refused(_peer_name(transport))
+        transport.abort()  # nothing to flush; frees the descriptor at once
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NBDServer, conn_id: int):
         self.server = server
@@ -172,7 +229,8 @@ class Connection(asyncio.BufferedProtocol):
         self.device: BlockDevice | None = None
         self.export_name = ""
         self._mode = ""
-        self._arena = Arena()
+        # Small until an export is chosen (see the module comment); the arena comes then.
+        self._arena = Arena(HANDSHAKE_BUFFER_BYTES)
         self._inflight = 0
         self._inflight_bytes = 0
         self._reading = True
@@ -190,20 +248,22 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._out = SendCoalescer(transport)
         self.server.connections.add(self)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.peer = _peer_name(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert self.handshake is not None
         transport.write(self.handshake.greeting())
         self._handshake_timer = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT_S, self.abort, "handshake timed out")
+            self.server.handshake_timeout_s, self.abort,
+            f"handshake not finished in {self.server.handshake_timeout_s:g}s")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed.done():
             return
         self.server.connections.discard(self)
+        self.server.connections_open -= 1
+        assert self.server.connections_open >= 0
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "client closed")
@@ -212,6 +272,7 @@ class Connection(asyncio.BufferedProtocol):
         log.info("conn %d %s%s closed: %s; %d requests, %d still in flight",
                  self.id, self.peer, where, reason, self.requests, self._inflight)
         self.transport = None
+        self._arena = Arena(0)  # payload views still in use keep their buffer alive
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -16,7 +16,14 @@ both sides have sent and received AUTH_OK, the owner (the resource) gets `link_u
 later frame. Frames with a bad CRC or magic drop the connection before anything acts on them.
 
 Liveness: a PING goes out every `ping_interval_s`; a link that has received nothing for
-`peer_timeout_s` is dropped, so a silent peer is noticed in bounded time.
+`peer_timeout_s` is dropped at that moment (a timer of its own, not the ping's grid), so a
+silent peer is noticed in bounded time.
+
+Before a link is authenticated, anyone who can reach the port is talking to it: only the
+small control frames of set-up are accepted (PREAUTH_PAYLOAD_MAX_BYTES), and a listener
+holds at most ADMISSIONS_MAX connections that have not authenticated yet, so strangers cost
+a bounded amount of memory. Log lines about a link name the peer's address until the peer
+has said its name.
 
 Optional TLS (a resource with `tls = true`): the same frames, HMAC steps included, run inside
 a TLS connection in which both sides present a certificate and check the other's against the
@@ -55,7 +62,14 @@ log = logging.getLogger("rblock.link")
 CHALLENGE_BYTES = 32
 AUTH_TIMEOUT_S = 5.0  # TCP accept to authenticated, TLS handshake included
 TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello record (RFC 8446, 5.1)
-ADMISSIONS_MAX = 16  # accepted connections whose first byte we still wait for, per listener
+# Accepted connections not authenticated yet (first byte, TLS handshake, HELLO, AUTH), per
+# listener: each holds a receive arena (256 KiB) for up to AUTH_TIMEOUT_S. Past it, new
+# connections are closed at once; a refused dialer retries with its backoff.
+ADMISSIONS_MAX = 16
+# Payload limit of a frame before authentication: set-up frames are a HELLO (JSON, ~200 bytes),
+# an AUTH (a 32-byte digest), AUTH_OK and REFUSE (a reason). Without it a stranger announcing a
+# 32 MiB frame made the link reserve a 64 MiB receive arena before knowing who it was.
+PREAUTH_PAYLOAD_MAX_BYTES = 64 * 1024
 # Bytes the transport may hold beyond what the kernel took: past this the link is congested
 # and protocol A writes wait (DRBD's on-congestion=block) instead of queueing without bound.
 SEND_BUFFER_BYTES_MAX = 4 * 1024 * 1024
@@ -115,7 +129,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._we_verified = False
         self.was_up = False  # reached UP at least once (the dialer's backoff resets then)
         self._last_rx = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # AUTH_TIMEOUT_S, then the next PING
+        self._silence_timer: asyncio.TimerHandle | None = None  # peer_timeout_s after last rx
         self._reading = True
         self._ack_runs: list[list[int]] = []  # [first seq, count] of acks not sent yet
         self.congested = False  # the transport holds over SEND_BUFFER_BYTES_MAX
@@ -124,6 +139,9 @@ class PeerLink(asyncio.BufferedProtocol):
         self.received_bytes = 0
         self.tls_version: str | None = None  # "TLSv1.3" on a TLS link, None on a plain one
         self.remote = "?"  # the peer's address, for log lines before it has said its name
+        # Called once with this link when it is authenticated or closed, whichever is first
+        # (the listener's count of connections being admitted).
+        self.settled: Callable[[PeerLink], None] | None = None
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
@@ -149,9 +167,19 @@ class PeerLink(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
         prev = self.phase
         self.phase = Phase.CLOSED
         self._owner_frame = None
+        self._settle()
+        # The coalescer's `prepare` is a method of this link: a cycle that only the cyclic
+        # GC would free, and with it the arena (up to 32 MiB), long after the close.
+        if self._out is not None:
+            self._out.prepare = None
+            self._out.discard()
+        self._ack_runs = []
+        self._arena = Arena(0)  # payload views still in use keep their buffer alive
         closed_by_peer = not self.close_reason
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.close_reason = reason
@@ -169,8 +197,11 @@ class PeerLink(asyncio.BufferedProtocol):
                       "CA in the peer's tls_ca", self.resource or "?", self.peer_node or "?",
                       self.remote, reason)
         elif prev is not Phase.CLOSED:
-            log.info("link %s %s to %s not established: %s", self.resource or "?",
-                     "dial" if self.dialer else "accept", self.peer_node or "?", reason)
+            if self.dialer:  # it knows the peer's name and address from the config
+                log.info("link %s dial to %s not established: %s", self.resource,
+                         self.peer_node, reason)
+            else:
+                log.info("link %s accept not established: %s", self._label(), reason)
         if not self.closed.done():
             self.closed.set_result(reason)
 
@@ -222,6 +253,9 @@ class PeerLink(asyncio.BufferedProtocol):
                 got = wire.decode(buf, arena.start, arena.end, view)
                 if got is None:
                     size = wire.frame_size(buf, arena.start, arena.end) or 0
+                    if self.phase is not _UP and size > _PREAUTH_FRAME_MAX_BYTES:
+                        self._preauth_too_big(size - wire.FRAME_OVERHEAD_BYTES)
+                        return  # before reserve: nothing is allocated for it
                     break
                 frame, arena.start = got
                 if self._owner_frame is not None and frame.type not in _LINK_FRAMES:
@@ -241,6 +275,12 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         arena.reserve(size)
 
+    def _preauth_too_big(self, payload_bytes: int) -> None:
+        self.close(f"a {self.phase.value} frame announces a {payload_bytes}-byte payload, over "
+                   f"the {PREAUTH_PAYLOAD_MAX_BYTES}-byte limit before authentication; "
+                   f"is this a replication peer of the same version?",
+                   log_level=logging.ERROR)
+
     def _dispatch(self, f: Frame) -> None:
         if self.phase is _UP and f.type not in _LINK_FRAMES:
             assert self.owner is not None
@@ -254,6 +294,8 @@ class PeerLink(asyncio.BufferedProtocol):
         elif self.phase is Phase.UP:
             assert self.owner is not None
             self.owner.link_frame(self, f)
+        elif len(f.payload) > PREAUTH_PAYLOAD_MAX_BYTES:
+            self._preauth_too_big(len(f.payload))  # it came whole, within one receive
         elif f.type is T.HELLO and self.phase is Phase.HELLO:
             self._on_hello(f.json())
         elif f.type is T.AUTH and self.phase is Phase.AUTH:
@@ -309,11 +351,14 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         self.phase = Phase.UP
         self.was_up = True
+        self._settle()
         assert self.owner is not None
         self._owner_frame = self.owner.link_frame
         if self._timer is not None:
             self._timer.cancel()
         self._schedule_ping()
+        self._silence_timer = asyncio.get_running_loop().call_later(
+            self.peer_timeout_s, self._silence_check)
         if self.tls_version is not None:
             cipher = self.transport.get_extra_info("cipher") if self.transport else None
             peercert = self.transport.get_extra_info("peercert") if self.transport else None
@@ -335,9 +380,14 @@ class PeerLink(asyncio.BufferedProtocol):
 
     # --- liveness -------------------------------------------------------------------------------
 
+    def _settle(self) -> None:
+        settled, self.settled = self.settled, None
+        if settled is not None:
+            settled(self)
+
     def _auth_timeout(self) -> None:
         if self.phase is not Phase.UP:
-            self.close("peer did not complete authentication in time")
+            self.close(f"peer did not complete authentication in {AUTH_TIMEOUT_S:g}s")
 
     def _schedule_ping(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(self.ping_interval_s, self._tick)
@@ -345,16 +395,27 @@ class PeerLink(asyncio.BufferedProtocol):
     def _tick(self) -> None:
         if self.phase is not Phase.UP:
             return
-        silent_s = time.monotonic() - self._last_rx
-        if silent_s > self.peer_timeout_s:
-            # abort, not close: close() waits for the send buffer to drain, which a dead
-            # link never does, and writes waiting for acks would hang with it.
-            reason = f"peer silent for {silent_s:.1f}s (timeout {self.peer_timeout_s}s)"
-            log.warning("link %s with %s: %s", self.resource, self.peer_node, reason)
-            self.abort(reason)
-            return
         self.send([Frame(T.PING)])
         self._schedule_ping()
+
+    def _silence_check(self) -> None:
+        """Runs when the peer would have been silent for peer_timeout_s if nothing came since
+        the timer was set. Receiving does not move the timer (that would cost a timer per
+        receive on the write path): if something came, the check runs again at the new
+        deadline, so the link is dropped exactly peer_timeout_s after the last receive, at a
+        cost of about one timer per peer_timeout_s."""
+        if self.phase is not Phase.UP:
+            return
+        silent_s = time.monotonic() - self._last_rx
+        if silent_s < self.peer_timeout_s:
+            self._silence_timer = asyncio.get_running_loop().call_later(
+                self.peer_timeout_s - silent_s, self._silence_check)
+            return
+        # abort, not close: close() waits for the send buffer to drain, which a dead link
+        # never does, and writes waiting for acks would hang with it.
+        reason = f"peer silent for {silent_s:.2f}s (timeout {self.peer_timeout_s:g}s)"
+        log.warning("link %s with %s: %s", self.resource, self.peer_node, reason)
+        self.abort(reason)
 
     # --- frames out and closing -------------------------------------------------------------
 
@@ -430,8 +491,7 @@ class PeerLink(asyncio.BufferedProtocol):
             self._process()
 
     def refuse(self, reason: str) -> None:
-        log.error("link %s with %s refused: %s", self.resource or "?", self.peer_node or "?",
-                  reason)
+        log.error("link %s refused: %s", self._label(), reason)
         self.send(wire.encode_json(T.REFUSE, {"reason": reason}))
         self.close(reason, log_level=None)
 
@@ -440,8 +500,7 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         self.close_reason = reason
         if log_level is not None:
-            log.log(log_level, "link %s with %s closing: %s", self.resource or "?",
-                    self.peer_node or "?", reason)
+            log.log(log_level, "link %s closing: %s", self._label(), reason)
         if self.transport is not None:
             if self._out is not None:
                 self._out.flush()  # frames queued in this pass (a REFUSE, a DISCONNECT)
@@ -456,12 +515,22 @@ class PeerLink(asyncio.BufferedProtocol):
     def up(self) -> bool:
         return self.phase is _UP and self.transport is not None
 
+    def _label(self) -> str:
+        """The link in log lines: 'r0 with beta' once the peer has said its name (authenticated
+        or not: then with its address), its address until then."""
+        if not self.peer_node:
+            return f"{self.resource + ' ' if self.resource else ''}from {self.remote}"
+        if self.phase is _UP:
+            return f"{self.resource or '?'} with {self.peer_node}"
+        return f"{self.resource or '?'} with {self.peer_node} ({self.remote})"
+
 
 # Frames the link itself answers or acts on, in any phase.
 _LINK_FRAMES = frozenset({T.PING, T.PONG, T.REFUSE})
 # Looked up once (an enum member named costs a class attribute lookup): used per frame.
 _UP = Phase.UP
 _CLOSED = Phase.CLOSED
+_PREAUTH_FRAME_MAX_BYTES = wire.FRAME_OVERHEAD_BYTES + PREAUTH_PAYLOAD_MAX_BYTES
 
 
 def _format_peername(peername: tuple) -> str:
@@ -605,7 +674,13 @@ def describe_tls_error(e: BaseException, ca: Path) -> str:
 
 
 class PeerListener:
-    """A node's replication listener. `new_link()` makes the acceptor's PeerLink."""
+    """A node's replication listener. `new_link()` makes the acceptor's PeerLink.
+
+    Admission: a connection counts against ADMISSIONS_MAX from its accept until its link is
+    authenticated or closed (`PeerLink.settled`), on the plain path and the TLS path alike;
+    past the limit, new connections are closed at once with a log line naming the address.
+    The count is taken when the connection is accepted (in the protocol factory, or the TLS
+    accept loop), so a burst of connects cannot overshoot it."""
 
     def __init__(self, new_link: Callable[[], PeerLink], tls: PeerTLS | None):
         self.new_link = new_link
@@ -614,12 +689,13 @@ class PeerListener:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._admissions: set[asyncio.Task] = set()
+        self._unsettled: set[PeerLink] = set()  # accepted, not authenticated yet
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         if self.tls is None:
-            # No TLS on this node: the plain server, exactly as without this class.
-            self._server = await loop.create_server(self.new_link, host, port,
+            # No TLS on this node: the plain server (the frame path has no TLS code on it).
+            self._server = await loop.create_server(self._plain_protocol, host, port,
                                                     reuse_address=True)
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -638,50 +714,86 @@ class PeerListener:
         if self._sock is not None:
             self._sock.close()
 
+    def _admitted_link(self) -> PeerLink:
+        link = self.new_link()
+        self._unsettled.add(link)
+        link.settled = self._unsettled.discard
+        return link
+
+    def _full(self) -> bool:
+        return len(self._unsettled) >= ADMISSIONS_MAX
+
+    def _refusal(self, remote: str) -> None:
+        log.warning("peer link from %s dropped: %d connections are already being admitted "
+                    "(ADMISSIONS_MAX); the dialer retries", remote, len(self._unsettled))
+
+    def _plain_protocol(self) -> asyncio.BaseProtocol:
+        if self._full():
+            return _Dropped(self._refusal)
+        return self._admitted_link()
+
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             sock, addr = await loop.sock_accept(lsock)
             remote = _format_peername(addr)
-            if len(self._admissions) >= ADMISSIONS_MAX:
-                log.warning("peer link from %s dropped: %d connections are already being "
-                            "admitted", remote, len(self._admissions))
+            if self._full():
+                self._refusal(remote)
                 sock.close()
                 continue
-            task = loop.create_task(self._admit(sock, remote))
+            task = loop.create_task(self._admit(sock, remote, self._admitted_link()))
             self._admissions.add(task)
             task.add_done_callback(self._admissions.discard)
 
-    async def _admit(self, sock: socket.socket, remote: str) -> None:
+    async def _admit(self, sock: socket.socket, remote: str, link: PeerLink) -> None:
+        """Hand SOCK to LINK, through TLS if it opens a TLS handshake. Until the transport
+        has called LINK's connection_made, this function settles LINK itself on failure."""
         assert self.tls is not None
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         try:
-            first = await asyncio.wait_for(_peek_byte(sock), AUTH_TIMEOUT_S)
-        except (TimeoutError, OSError) as e:
-            sock.close()
-            if isinstance(e, TimeoutError):
-                log.warning("peer link from %s dropped: nothing received in %.0fs", remote,
-                            AUTH_TIMEOUT_S)
-            return
-        if not first:
-            sock.close()
-            return  # closed before saying anything (a port probe)
-        # From here the socket belongs to the transport, which closes it on any failure.
-        if first[0] != TLS_RECORD_HANDSHAKE:
-            # A plain dialer: its HELLO names the resource, and the route refuses it (with a
-            # REFUSE frame the dialer logs) if that resource wants TLS.
             try:
-                await loop.connect_accepted_socket(self.new_link, sock)
-            except OSError as e:
-                log.error("peer link from %s failed: %s", remote, e)
-            return
-        try:
-            await loop.connect_accepted_socket(self.new_link, sock, ssl=self.tls.server,
-                                               ssl_handshake_timeout=AUTH_TIMEOUT_S)
-        except (ssl.SSLError, OSError) as e:  # TimeoutError included: a stalled handshake
-            log.error("peer link from %s refused: TLS handshake failed: %s", remote,
-                      describe_tls_error(e, self.tls.ca))
+                first = await asyncio.wait_for(_peek_byte(sock), AUTH_TIMEOUT_S)
+            except (TimeoutError, OSError) as e:
+                sock.close()
+                if isinstance(e, TimeoutError):
+                    log.warning("peer link from %s dropped: nothing received in %.0fs", remote,
+                                AUTH_TIMEOUT_S)
+                return
+            if not first:
+                sock.close()
+                return  # closed before saying anything (a port probe)
+            # From here the socket belongs to the transport, which closes it on any failure.
+            if first[0] != TLS_RECORD_HANDSHAKE:
+                # A plain dialer: its HELLO names the resource, and the route refuses it (with
+                # a REFUSE frame the dialer logs) if that resource wants TLS.
+                try:
+                    await loop.connect_accepted_socket(lambda: link, sock)
+                except OSError as e:
+                    log.error("peer link from %s failed: %s", remote, e)
+                return
+            try:
+                await loop.connect_accepted_socket(lambda: link, sock, ssl=self.tls.server,
+                                                   ssl_handshake_timeout=AUTH_TIMEOUT_S)
+            except (ssl.SSLError, OSError) as e:  # TimeoutError included: a stalled handshake
+                log.error("peer link from %s refused: TLS handshake failed: %s", remote,
+                          describe_tls_error(e, self.tls.ca))
+        finally:
+            if link.transport is None and link.phase is not Phase.CLOSED:
+                self._unsettled.discard(link)  # never connected: it will not settle itself
+                link.settled = None
+
+
+class _Dropped(asyncio.Protocol):
+    """The protocol of a connection the plain listener does not admit: closed at once."""
+
+    def __init__(self, report: Callable[[str], None]):
+        self._report = report
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        self._report(_format_peername(peername) if isinstance(peername, tuple) else "?")
+        transport.abort()  # nothing to flush; a reset also frees the port at once
 
 
 async def _peek_byte(sock: socket.socket) -> bytes:

@@ -24,16 +24,19 @@ class RateLimiter:
         self._tokens = float(self._capacity)
         self._last_s: float | None = None
 
-    def delay_s(self, now_s: float, nbytes: int) -> float:
-        """Seconds to wait before NBYTES may go (0: go now; the bytes are then taken)."""
+    def take(self, now_s: float, nbytes: int) -> float:
+        """Charge NBYTES now; returns how many seconds to wait before sending them (0: at
+        once). The bytes are charged whether or not the caller has to wait: a request
+        that waited was once not charged at all, and a 20 MiB/s limit let 41.5 MiB/s
+        through. The bucket may go into debt; the wait is until the debt is paid."""
         if self._last_s is not None:
             self._tokens = min(self._capacity,
                                self._tokens + (now_s - self._last_s) * self.rate_bytes_per_s)
         self._last_s = now_s
-        if self._tokens >= min(nbytes, self._capacity):
-            self._tokens -= nbytes  # may go negative for a request bigger than the bucket
+        self._tokens -= nbytes
+        if self._tokens >= 0:
             return 0.0
-        return (min(nbytes, self._capacity) - self._tokens) / self.rate_bytes_per_s
+        return -self._tokens / self.rate_bytes_per_s
 
 
 class SweepPlanner:
@@ -41,7 +44,8 @@ class SweepPlanner:
 
     def __init__(self, nblocks: int, next_run: Callable[[int, int], tuple[int, int] | None],
                  run_blocks_max: int = RESYNC_RUN_BLOCKS_MAX,
-                 inflight_max: int = RESYNC_INFLIGHT_MAX, wrap: bool = True):
+                 inflight_max: int = RESYNC_INFLIGHT_MAX, wrap: bool = True,
+                 ids: Callable[[], int] | None = None):
         self.nblocks = nblocks
         self._next_run = next_run
         self.run_blocks_max = run_blocks_max
@@ -49,6 +53,9 @@ class SweepPlanner:
         self.cursor = 0
         self.inflight: dict[int, tuple[int, int]] = {}  # request id -> (first, count)
         self._next_id = 1
+        # Request ids; the owner's, when answers of an earlier sweep on the same link may
+        # still arrive: each id must name one request only.
+        self._ids = ids
         self._wrapped = not wrap  # a sweep without wrap ends at the last block
 
     def next_request(self) -> tuple[int, int, int] | None:
@@ -69,8 +76,11 @@ class SweepPlanner:
         first, count = run
         assert 0 <= first < self.nblocks and 0 < count <= self.run_blocks_max
         self.cursor = first + count
-        rid = self._next_id
-        self._next_id += 1
+        if self._ids is not None:
+            rid = self._ids()
+        else:
+            rid = self._next_id
+            self._next_id += 1
         self.inflight[rid] = (first, count)
         return rid, first, count
 

@@ -42,7 +42,8 @@ class Role(enum.Enum):
 
 
 class Disk(enum.Enum):
-    DISKLESS = "Diskless"
+    DISKLESS = "Diskless"  # no local disk: it failed (detached) or was never attached
+    FAILED = "Failed"  # an I/O error: being detached (then Diskless)
     INCONSISTENT = "Inconsistent"  # fresh, or a resync target that has not finished
     OUTDATED = "Outdated"  # consistent, but known to miss writes the peer has
     UPTODATE = "UpToDate"
@@ -136,16 +137,20 @@ class Side:
     role: Role = Role.SECONDARY
     crashed_primary: bool = False  # was primary and did not stop cleanly
     out_of_sync_blocks: int = 0
+    discard_my_data: bool = False  # 'connect --discard-my-data': lose a split brain
+    protocol: str = "C"  # the resource's protocol in this node's config
 
     def to_json(self) -> dict:
         return {"node": self.node, "gen": self.gen.to_json(), "disk": self.disk.value,
                 "role": self.role.value, "crashed_primary": self.crashed_primary,
-                "out_of_sync_blocks": self.out_of_sync_blocks}
+                "out_of_sync_blocks": self.out_of_sync_blocks,
+                "discard_my_data": self.discard_my_data, "protocol": self.protocol}
 
     @classmethod
     def from_json(cls, d: dict) -> Side:
         return cls(str(d["node"]), Generation.from_json(d["gen"]), Disk(d["disk"]),
-                   Role(d["role"]), bool(d["crashed_primary"]), int(d["out_of_sync_blocks"]))
+                   Role(d["role"]), bool(d["crashed_primary"]), int(d["out_of_sync_blocks"]),
+                   bool(d["discard_my_data"]), str(d["protocol"]))
 
     @property
     def consistent(self) -> bool:
@@ -162,11 +167,14 @@ class Sync(enum.Enum):
     SPLIT_BRAIN = "split brain: both nodes wrote since they parted"
     UNRELATED = "unrelated data: the nodes share no generation"
     NO_GOOD_DATA = "no node has consistent data to sync from"
+    BOTH_DISCARD = ("both nodes were told to discard their data (connect --discard-my-data "
+                    "on both); give it on one node only")
+    DISKLESS = "a node has no disk: nothing to sync, it uses its peer's disk"
 
     @property
     def connects(self) -> bool:
         """Whether replication may start (writes flow to the peer)."""
-        return self not in (Sync.SPLIT_BRAIN, Sync.UNRELATED)
+        return self not in (Sync.SPLIT_BRAIN, Sync.UNRELATED, Sync.BOTH_DISCARD)
 
     @property
     def mirror(self) -> Sync:
@@ -213,6 +221,10 @@ def _same_current(a: Side, b: Side) -> Sync | None:
         return _source_if(a.consistent, bitmap=True)
     if not a.consistent:
         return Sync.NO_GOOD_DATA
+    if {a.disk, b.disk} == {Disk.UPTODATE, Disk.OUTDATED}:
+        # The Outdated one knows it misses writes (its disk failed, or it was cut off by
+        # its primary): the UpToDate one is the source, whoever is Primary.
+        return _source_if(a.disk is Disk.UPTODATE, bitmap=True)
     if a.crashed_primary != b.crashed_primary:
         # The crashed primary may hold writes that never reached the peer (its activity log
         # extents): it is the source, as in DRBD.
@@ -304,15 +316,39 @@ def _by_disk_states(a: Side, b: Side, sync: Sync, rule: str) -> Sync | None:
     return _source_if(a.consistent, bitmap=bitmap)
 
 
+def _by_discard(a: Side, b: Side, sync: Sync, rule: str) -> Sync | None:
+    """DRBD's `connect --discard-my-data`: it resolves a split brain (or unrelated data, where
+    the operator knows better) in favour of the other node. It never resets the victim to
+    "just created", which would let two different copies connect as equal: the victim is
+    the sync target, with a bitmap resync where both bitmaps count from the generation the
+    nodes parted at (rule same-bitmap: their union holds every block either wrote), a full
+    one otherwise. Given on both nodes it is refused: there would be no survivor. Outside a
+    split brain it changes nothing (the table already knows the direction)."""
+    if not (a.discard_my_data or b.discard_my_data):
+        return None
+    if sync not in (Sync.SPLIT_BRAIN, Sync.UNRELATED):
+        return None
+    if a.discard_my_data and b.discard_my_data:
+        return Sync.BOTH_DISCARD
+    return _source_if(b.discard_my_data, bitmap=rule == "same-bitmap")
+
+
 def decide(local: Side, peer: Side) -> Decision:
-    for name, rule in RULES:
-        sync = rule(local, peer)
-        if sync is not None:
-            by_disks = _by_disk_states(local, peer, sync, name)
-            if by_disks is not None:
-                return Decision(by_disks, f"disk-states after {name}")
-            return Decision(sync, name)
-    return Decision(Sync.UNRELATED, "no-match")
+    if Disk.DISKLESS in (local.disk, peer.disk):
+        return Decision(Sync.DISKLESS, "diskless")
+    sync, name = Sync.UNRELATED, "no-match"
+    for rule_name, rule in RULES:
+        found = rule(local, peer)
+        if found is not None:
+            sync, name = found, rule_name
+            break
+    by_disks = _by_disk_states(local, peer, sync, name)
+    if by_disks is not None:
+        return Decision(by_disks, f"disk-states after {name}")
+    by_discard = _by_discard(local, peer, sync, name)
+    if by_discard is not None:
+        return Decision(by_discard, f"discard-my-data after {name}")
+    return Decision(sync, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,24 +359,49 @@ class PromoteCheck:
 
 
 def check_promote(role: Role, disk: Disk, gen: Generation, conn: Conn, repl: Repl,
-                  peer_role: Role, peer_disk: Disk, peer_node: str, force: bool) -> PromoteCheck:
-    """May this node become primary? The reason names what is wrong and what to do."""
-    if role is Role.PRIMARY:
+                  peer_role: Role, peer_disk: Disk, peer_node: str, force: bool,
+                  out_of_sync_bytes: int = 0) -> PromoteCheck:
+    """May this node become primary? The reason names what is wrong and what to do.
+    OUT_OF_SYNC_BYTES: this node's dirty bitmap, which on an Inconsistent disk counts what a
+    resync has not copied yet."""
+    if role is Role.PRIMARY and not (force and disk is Disk.OUTDATED):
         return PromoteCheck(True, "already Primary")
-    if conn is Conn.CONNECTED and peer_role is Role.PRIMARY:
+    connected = conn is Conn.CONNECTED
+    if connected and peer_role is Role.PRIMARY and role is not Role.PRIMARY:
         return PromoteCheck(False, f"peer {peer_node} is Primary; make it secondary first "
                                    f"('rblock secondary' on {peer_node})")
-    if conn is Conn.CONNECTED and repl is Repl.SYNC_TARGET:
+    if disk in (Disk.DISKLESS, Disk.FAILED):
+        if connected and peer_disk is Disk.UPTODATE and repl is not Repl.OFF:
+            return PromoteCheck(True, f"no local disk: reads and writes go to {peer_node}")
+        return PromoteCheck(False, f"this node has no disk (it failed or was detached) and "
+                                   f"no connected peer with an UpToDate disk; attach one "
+                                   f"('rblock attach') or connect {peer_node}")
+    if connected and repl is Repl.SYNC_TARGET:
         return PromoteCheck(False, f"this node's data is older than {peer_node}'s (resync from "
                                    f"it is running); wait for the resync to finish")
     if disk is Disk.UPTODATE:
         return PromoteCheck(True)
-    if (force and disk is Disk.INCONSISTENT and gen.fresh
-            and (conn is not Conn.CONNECTED or peer_disk is Disk.INCONSISTENT)):
-        return PromoteCheck(True, "forced: first promotion of fresh data", forced_fresh=True)
-    if disk is Disk.INCONSISTENT and gen.fresh:
+    missing = f"{out_of_sync_bytes / 2**20:.1f} MiB"
+    if disk is Disk.INCONSISTENT and gen.fresh and out_of_sync_bytes == 0:
+        if force and (not connected or peer_disk is Disk.INCONSISTENT):
+            return PromoteCheck(True, "forced: first promotion of fresh data", forced_fresh=True)
+        if force:
+            return PromoteCheck(False, f"the disk holds no data yet and {peer_node}'s disk is "
+                                       f"{peer_disk.value}: it is synced from there; wait "
+                                       f"for that sync")
         return PromoteCheck(False, "the disk holds no data yet; the first promotion of fresh "
                                    "data needs --force")
+    if disk is Disk.INCONSISTENT:
+        what = ("a full sync from the peer into it did not finish" if gen.fresh
+                else "a resync from the peer into it did not finish")
+        if force:
+            return PromoteCheck(True, f"forced: an Inconsistent disk becomes the good data "
+                                      f"({what}; {missing} never arrived and keep their old "
+                                      f"contents)")
+        return PromoteCheck(False, f"the disk is Inconsistent: {what} ({missing} still to "
+                                   f"copy), so it is part new data and part old. Connect to "
+                                   f"{peer_node} and let the resync finish; --force would "
+                                   f"serve this partial copy as good data and lose the rest")
     if disk is Disk.OUTDATED and force:
         return PromoteCheck(True, "forced: promoting an Outdated disk")
     return PromoteCheck(False, f"local disk is {disk.value}, not UpToDate"

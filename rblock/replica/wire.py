@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import crc32c
 
 MAGIC = 0x52424C31  # "RBL1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: OUT_OF_SYNC, VERIFY_START, VERIFY_DONE; FLUSH_ACK carries an errno
 HEADER = struct.Struct(">IHHIQQQ")
 CRC = struct.Struct(">I")
 FRAME_OVERHEAD_BYTES = HEADER.size + CRC.size
@@ -51,7 +51,7 @@ class T(enum.IntEnum):
     RECV_ACK = 14  # id: seq (protocol B: received by the peer)
     NEG_ACK = 15  # id: seq, aux: errno (the peer could not apply it)
     FLUSH = 16  # id: flush id, aux: epoch
-    FLUSH_ACK = 17  # id: flush id
+    FLUSH_ACK = 17  # id: flush id, aux: 0, or the errno of the peer's failed flush
     RS_REQUEST = 20  # id, offset, aux: length, payload: u32 crc32c of the target's data
     RS_DATA = 21  # id, offset, payload: data
     RS_SAME = 22  # id, offset, aux: length (checksums matched: nothing to copy)
@@ -65,6 +65,9 @@ class T(enum.IntEnum):
     PING = 30
     PONG = 31
     DISCONNECT = 32  # json: reason
+    OUT_OF_SYNC = 33  # offset, aux: length (the sender's disk could not write it)
+    VERIFY_START = 34  # json: {} (a Secondary asks its Primary to run a verify)
+    VERIFY_DONE = 35  # json: outcome (the verify source finished)
 
 
 class LinkError(Exception):

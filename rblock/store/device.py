@@ -78,6 +78,17 @@ class BlockDevice(abc.ABC):
             return
         run_eager(coro, lambda _result, exc: done(token, exc))
 
+    def write_inline(self, offset: int, data: memoryview) -> None:
+        """A write without FUA, done before returning (into the page cache): the replicated
+        device's fast path writes this way on both nodes. Raises OSError. A device that
+        cannot write without waiting does not offer it (and cannot carry a resource)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write inline")
+
+    async def read_once(self, offset: int, length: int) -> bytes | bytearray:
+        """`read` for a one-pass sweep over the disk (resync, verify): a device may keep
+        what it reads out of its caches."""
+        return await self.read(offset, length)
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Every write that completed before this call is durable when it returns."""

@@ -3,13 +3,18 @@
 Theory of operation
 -------------------
 The metadata lives in an external file next to the backing disk (the disk itself holds only
-guest data). Layout, every offset a multiple of 4 KiB, integers big-endian like the wire:
+guest data). Layout (format version 2), every offset a multiple of 4 KiB, integers big-endian
+like the wire:
 
     0       superblock slot 0   (4 KiB)   magic | u32 version | u64 seq | u32 body length |
     4096    superblock slot 1   (4 KiB)   body (UTF-8 JSON) | u32 CRC-32C of all before it
     8192    activity log slot 0 (8 KiB)   magic | u64 seq | u32 count | count x u32 extent |
     16384   activity log slot 1 (8 KiB)   u32 CRC-32C of all before it
-    24576   dirty bitmap                  one bit per block, rounded up to 4 KiB pages
+    24576   dirty bitmap                  one bit per block, rounded up to P pages of 4 KiB
+    24576 + P * 4096
+            bitmap CRC table              P x u32 CRC-32C, one per bitmap page (of all 4 KiB,
+                                          the zero padding of the last page included),
+                                          rounded up to 4 KiB
 
 Superblock and activity log are each written to the slot `seq % 2`, then fdatasync'ed. A
 crash in the middle of a write tears at most the slot being written; the other slot still
@@ -25,12 +30,31 @@ a persisted bitmap bit or in an AL extent, and `recover_crash` turns the AL into
 bits. Before an extent leaves the AL its bitmap pages are flushed, because from then on the
 bitmap alone protects it.
 
+Bitmap pages have no second slot: a page is rewritten in place, so a crash in the middle of
+a write-back, or a disk that loses or garbles a page, would silently drop set bits (the
+resync skips those blocks, and both nodes claim UpToDate with different data). Each page
+therefore has a CRC-32C in the table. A write-back writes the pages, then their table
+entries, then one fdatasync; `create` fills the table with the CRC of an all-zero page
+(not 0, so a page zeroed together with its entry is caught too). On load a page whose CRC
+does not match is taken as all bits set: every block it covers is resynced in full. That is
+always safe (a set bit only costs a copy), so a torn write-back (page written, entry not, or
+the other way round) is survivable, and so is a corrupted page. Such a page is logged, stays
+dirty in memory and is rewritten with its CRC by the next flush. A version-1 file (no table)
+is upgraded in place on open: the table is computed from the bitmap as read and made
+durable, then both superblock slots are rewritten with version 2 (a crash in between leaves
+a version-1 file, upgraded again at the next open).
+
+All file I/O goes through a `MetaFile` (pread, pwrite, sync, size, truncate, close):
+`FdFile` for a real file, which holds an exclusive flock from the moment it is opened (a
+second `rblock up`, or create-md under a running daemon, must not read or write a file in
+use), or any object a test or simulator supplies (`create_on`, `open_on`).
+
 Threads: the event loop owns the `Bitmap` (it alone sets and clears bits) and calls the cheap
 AL queries; blocking methods (`write_superblock`, `flush_bitmap`, `al_activate`) run in a
 worker thread. Page write-back marks pages clean *before* copying them, so a bit set during a
-flush re-dirties its page and goes out with the next flush. All metadata I/O is serialized by
-one lock; the AL's in-memory state has its own short lock so loop-side queries never wait
-for a disk.
+flush re-dirties its page and goes out with the next flush; the CRC is computed over the
+copy, so it always matches the bytes written. All metadata I/O is serialized by one lock;
+the AL's in-memory state has its own short lock so loop-side queries never wait for a disk.
 
 Eviction never picks a pinned extent. A write pins its extents (`al_pin`) *before* asking
 `al_missing` and unpins them once it is complete and any bitmap bit it needs is set: an
@@ -50,15 +74,20 @@ import re
 import stat
 import struct
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import crc32c
 
+from rblock.store.volume import in_use_message, try_flock
+
 log = logging.getLogger("rblock.meta")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CRC-32C per bitmap page; 1 (no CRC table) is upgraded on open
+FORMAT_VERSION_NO_BITMAP_CRC = 1
 UUID_JUST_CREATED = 4  # DRBD's marker for "metadata created, no data yet"
 UUID_MAX = 2**64 - 1
 UUID_HISTORY_MAX = 2
@@ -84,12 +113,21 @@ AL_SLOT_BYTES = 8192
 AL_OFFSET = SB_OFFSET + 2 * SB_SLOT_BYTES
 BITMAP_OFFSET = AL_OFFSET + 2 * AL_SLOT_BYTES
 CRC = struct.Struct(">I")
+BITS_PER_PAGE = PAGE_BYTES * 8
+# The table entry create-md writes for every page: an all-zero page's CRC is not 0, so a
+# zeroed page with a zeroed entry does not pass as a valid empty page.
+ZERO_PAGE_CRC = crc32c.crc32c(bytes(PAGE_BYTES))
+assert ZERO_PAGE_CRC != 0
 SB_BODY_MAX_BYTES = SB_SLOT_BYTES - SB_HEADER.size - CRC.size
 AL_EXTENTS_MAX = (AL_SLOT_BYTES - AL_HEADER.size - CRC.size) // 4  # what fits in a slot
 
 # Bitmap spans are processed in chunks so no temporary integer grows past this.
 SPAN_CHUNK_BYTES = 1024 * 1024
-IO_CHUNK_BYTES = 1024 * 1024  # largest single pwrite of bitmap pages
+IO_CHUNK_BYTES = 1024 * 1024  # largest single pwrite of bitmap pages or CRC entries
+# Largest single pread of the bitmap at open (Linux caps one read at just under 2 GiB, the
+# bitmap of a 64 TiB disk; a bounded chunk also bounds the temporary copy).
+READ_CHUNK_BYTES = 16 * 1024 * 1024
+BAD_PAGE_RUNS_LOGGED_MAX = 8  # runs of bad bitmap pages logged one by one, then a summary
 
 SCAN_NEAR_BYTES = 256  # searched byte by byte first: set bits tend to be close
 SCAN_CHUNK_BYTES = 64 * 1024  # then compared a chunk at a time with a uniform chunk
@@ -426,18 +464,20 @@ class Superblock:
 _SB_FIELDS = frozenset(f.name for f in dataclasses.fields(Superblock)) - {"extra"}
 
 
-def _encode_sb_slot(seq: int, sb: Superblock) -> bytes:
+def _encode_sb_slot(seq: int, sb: Superblock, version: int = FORMAT_VERSION) -> bytes:
+    """A full slot; VERSION other than the current one only for tests of old files."""
     body = sb.to_json()
     if len(body) > SB_BODY_MAX_BYTES:
         raise ValueError(f"superblock body is {len(body)} bytes, a slot holds "
                          f"{SB_BODY_MAX_BYTES}: too much in extra")
-    head = SB_HEADER.pack(SB_MAGIC, FORMAT_VERSION, seq, len(body)) + body
+    head = SB_HEADER.pack(SB_MAGIC, version, seq, len(body)) + body
     slot = head + CRC.pack(crc32c.crc32c(head))
     return slot + bytes(SB_SLOT_BYTES - len(slot))
 
 
-def _decode_sb_slot(slot: bytes) -> tuple[int, Superblock]:
-    """(seq, superblock) of a valid slot; ValueError saying what is wrong otherwise."""
+def _decode_sb_slot(slot: bytes) -> tuple[int, Superblock, int]:
+    """(seq, superblock, format version) of a valid slot; ValueError saying what is wrong
+    otherwise (_NewerFormat for a version this rblock cannot read)."""
     if len(slot) < SB_SLOT_BYTES:
         raise ValueError("the file ends inside it")
     magic, version, seq, body_len = SB_HEADER.unpack_from(slot)
@@ -449,13 +489,15 @@ def _decode_sb_slot(slot: bytes) -> tuple[int, Superblock]:
     (crc,) = CRC.unpack_from(slot, end)
     if crc != crc32c.crc32c(slot[:end]):
         raise ValueError("CRC-32C mismatch (torn or corrupted write)")
-    if version != FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise _NewerFormat(version)
+    if version < FORMAT_VERSION_NO_BITMAP_CRC:
+        raise ValueError(f"format version {version} was never written by rblock")
     sb = Superblock.from_json(slot[SB_HEADER.size:end])
     problems = sb.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    return seq, sb
+    return seq, sb, version
 
 
 class _NewerFormat(ValueError):
@@ -495,66 +537,189 @@ def _decode_al_slot(slot: bytes, extents_total: int) -> tuple[int, list[int]]:
 # --- file layout -------------------------------------------------------------------------
 
 
+def bitmap_pages(size_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """How many 4 KiB pages the bitmap of a disk of SIZE_BYTES takes."""
+    return -(-((size_bytes // block_bytes + 7) // 8) // PAGE_BYTES)
+
+
 def bitmap_region_bytes(size_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
-    nbytes = (size_bytes // block_bytes + 7) // 8
-    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+    return bitmap_pages(size_bytes, block_bytes) * PAGE_BYTES
 
 
-def metadata_file_bytes(size_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+def crc_table_offset(size_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Where the bitmap pages' CRC table starts: right after the bitmap."""
     return BITMAP_OFFSET + bitmap_region_bytes(size_bytes, block_bytes)
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
+def crc_table_bytes(size_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    entries_bytes = bitmap_pages(size_bytes, block_bytes) * CRC.size
+    return -(-entries_bytes // PAGE_BYTES) * PAGE_BYTES
+
+
+def metadata_file_bytes(size_bytes: int, block_bytes: int = BLOCK_BYTES,
+                        version: int = FORMAT_VERSION) -> int:
+    """The size of the metadata file of a disk of SIZE_BYTES (in format VERSION)."""
+    end = crc_table_offset(size_bytes, block_bytes)
+    if version == FORMAT_VERSION_NO_BITMAP_CRC:
+        return end
+    return end + crc_table_bytes(size_bytes, block_bytes)
+
+
+# --- the file under the metadata ---------------------------------------------------------
+
+
+class MetaFile(Protocol):
+    """What Metadata needs of its file. `FdFile` is the real one; a simulator or a test
+    passes its own (an in-memory image, a disk that tears writes) to `create_on`/`open_on`.
+
+    Calls come from one thread at a time (Metadata serializes them), blocking is fine."""
+
+    name: str  # named in every message about the file
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to LENGTH bytes at OFFSET; fewer only at the end of the file."""
+        ...
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Write all of DATA at OFFSET (growing the file if needed), or raise OSError."""
+        ...
+
+    def sync(self) -> None:
+        """Make every completed pwrite durable (fdatasync)."""
+        ...
+
+    def size(self) -> int:
+        ...
+
+    def truncate(self, size: int) -> None:
+        """Cut or extend (with zeros) the file to SIZE bytes."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class FdFile:
+    """A MetaFile on a real file: os calls on one descriptor, which holds an exclusive flock
+    from right after the open until `close`.
+
+    The lock is what keeps a second `rblock up` (or create-md under a running daemon) from
+    reading the metadata, running crash recovery and writing a superblock under the daemon
+    that uses it. flock locks belong to the open file description, so a second open of the
+    same file in the same process is refused too, and the lock goes when the process dies."""
+
+    def __init__(self, path: str, create: bool = False):
+        """Open PATH read-write (creating it, mode 0600, if CREATE) and lock it; raises
+        MetadataError naming the file and the fix."""
+        self.name = path
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise MetadataError(f"cannot create metadata {path}: its directory does not "
+                                    "exist: create it, or fix the metadata path") from None
+            raise MetadataError(f"metadata {path} does not exist: run `rblock create-md` "
+                                "first") from None
+        except OSError as e:
+            raise MetadataError(f"cannot {'create' if create else 'open'} metadata {path}: "
+                                f"{e.strerror}") from None
+        try:
+            # Before anything is read or written: a file in use is not even looked at.
+            if not try_flock(self.fd, shared=False):
+                raise MetadataError(in_use_message(
+                    self.fd, f"metadata {path}",
+                    "is `rblock up` running for this node? stop it first"))
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise MetadataError(f"metadata {path} is not a regular file: give a file path")
+            if create:
+                _fsync_dir(path)  # the new entry must survive a crash, not just the contents
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            if n <= 0:
+                raise OSError(f"{self.name}: pwrite at {offset} wrote nothing")
+            view = view[n:]
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        """Close (which drops the lock); a second call does nothing."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A Metadata dropped without close (an error path) must not keep the file locked
+        # for the rest of the process's life; warn like an unclosed io.FileIO does.
+        if getattr(self, "fd", -1) >= 0:
+            warnings.warn(f"metadata {self.name} was not closed", ResourceWarning,
+                          stacklevel=2)
+            self.close()
+
+
+def _pread_exact(file: MetaFile, length: int, offset: int) -> bytes:
+    data = file.pread(length, offset)
     if len(data) != length:
-        raise OSError(f"short read: {len(data)} of {length} bytes at {offset}")
+        raise OSError(f"{file.name}: short read: {len(data)} of {length} bytes at {offset}")
     return data
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(f"pwrite at {offset} wrote nothing")
-        view = view[n:]
-        offset += n
-
-
-def _read_superblock(fd: int, path: str) -> tuple[int, Superblock]:
-    """The valid slot with the highest seq; one bad slot is logged, two are an error."""
-    good: list[tuple[int, int, Superblock]] = []
+def _read_superblock(file: MetaFile) -> tuple[int, Superblock, int]:
+    """(seq, superblock, format version) of the valid slot with the highest seq; one bad
+    slot is logged, two are an error."""
+    path = file.name
+    good: list[tuple[int, int, Superblock, int]] = []
     bad: list[str] = []
     for slot in range(2):
-        raw = os.pread(fd, SB_SLOT_BYTES, SB_OFFSET + slot * SB_SLOT_BYTES)
+        raw = file.pread(SB_SLOT_BYTES, SB_OFFSET + slot * SB_SLOT_BYTES)
         try:
-            seq, sb = _decode_sb_slot(raw)
+            seq, sb, version = _decode_sb_slot(raw)
         except _NewerFormat as e:
             raise MetadataError(
                 f"metadata {path} has format version {e.args[0]}, this rblock reads "
-                f"{FORMAT_VERSION}: use the rblock that wrote it (or a newer one)") from None
+                f"{FORMAT_VERSION} and older: use the rblock that wrote it (or a newer "
+                "one)") from None
         except (ValueError, UnicodeDecodeError, TypeError, struct.error) as e:
             bad.append(f"slot {slot}: {e}")
             continue
-        good.append((seq, slot, sb))
+        good.append((seq, slot, sb, version))
     if not good:
         raise MetadataError(
             f"metadata {path} has no valid superblock ({'; '.join(bad)}): run "
             "`rblock create-md` again (the data on the disk itself is untouched; the next "
             "connect does a full sync)")
-    seq, slot, sb = max(good, key=lambda g: g[0])
+    seq, slot, sb, version = max(good, key=lambda g: g[0])
     if bad:
         log.warning("metadata %s: superblock %s; using slot %d (seq %d)",
                     path, bad[0], slot, seq)
-    return seq, sb
+    return seq, sb, version
 
 
-def _refuse_to_overwrite(fd: int, path: str) -> None:
+def _refuse_to_overwrite(file: MetaFile) -> None:
     """create-md without --force may replace only an empty file or broken metadata: never
     valid metadata, and never a file that is not metadata at all (a path mixed up with the
     disk's would otherwise cost the guest's data)."""
+    path = file.name
     try:
-        _, old = _read_superblock(fd, path)
+        _, old, _ = _read_superblock(file)
     except MetadataError:
         pass
     else:
@@ -562,7 +727,7 @@ def _refuse_to_overwrite(fd: int, path: str) -> None:
             f"metadata {path} already exists (node '{old.node}', resource '{old.resource}', "
             f"{old.size_bytes} bytes): pass --force to wipe it (its dirty bitmap is lost, so "
             "the next connect does a full sync)")
-    head = os.pread(fd, 2 * SB_SLOT_BYTES, SB_OFFSET)
+    head = file.pread(2 * SB_SLOT_BYTES, SB_OFFSET)
     ours = any(head[i:i + len(SB_MAGIC)] == SB_MAGIC for i in (0, SB_SLOT_BYTES))
     if not ours and head.strip(b"\0"):
         raise MetadataError(
@@ -579,16 +744,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_crc_entries(file: MetaFile, table_offset: int, first_page: int,
+                       crcs: list[int]) -> None:
+    """Table entries of pages FIRST_PAGE.. (one pwrite per IO_CHUNK_BYTES of entries)."""
+    per_write = IO_CHUNK_BYTES // CRC.size
+    for i in range(0, len(crcs), per_write):
+        chunk = crcs[i:i + per_write]
+        file.pwrite(struct.pack(f">{len(chunk)}I", *chunk),
+                    table_offset + (first_page + i) * CRC.size)
+
+
 # --- the metadata of one resource on one node --------------------------------------------
 
 
 class Metadata:
-    def __init__(self, path: str, fd: int, seq: int, sb: Superblock,
+    def __init__(self, file: MetaFile, seq: int, sb: Superblock,
                  al_extents_max: int = AL_EXTENTS_MAX, bitmap: Bitmap | None = None):
-        """Use `create` or `open`; this only assembles what they read or wrote."""
+        """Use `create`/`open` (or `create_on`/`open_on`); this only assembles what they
+        read or wrote. From here on the Metadata owns FILE: `close` closes it."""
         assert 0 < al_extents_max <= AL_EXTENTS_MAX
-        self.path = path
-        self.fd = fd
+        self.file = file
+        self.path = file.name
         self.sb = sb
         self.sb_seq = seq
         self.al_extents_max = al_extents_max
@@ -599,6 +775,9 @@ class Metadata:
             bitmap = Bitmap(nbits, block_bytes=sb.block_bytes)
         self.bitmap = bitmap
         assert self.bitmap.nbits == nbits and self.bitmap.block_bytes == sb.block_bytes
+        # Pages whose CRC did not match at open (taken as all set): for status and tests.
+        self.bitmap_pages_bad: tuple[int, ...] = ()
+        self._crc_offset = crc_table_offset(sb.size_bytes, sb.block_bytes)
         self._blocks_per_extent = AL_EXTENT_BYTES // sb.block_bytes
         self._al: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._al_pins: dict[int, int] = {}  # extent -> writes in flight in it
@@ -606,6 +785,7 @@ class Metadata:
         # Loaded after a crash and recover_crash not yet run: the AL must not change until
         # it has been turned into bitmap bits.
         self._crash_pending = not sb.clean_shutdown
+        self._closed = False
         self._al_lock = threading.Lock()  # in-memory AL state; held only for microseconds
         self._io_lock = threading.RLock()  # one metadata write at a time, in seq order
 
@@ -614,34 +794,43 @@ class Metadata:
     @classmethod
     def create(cls, path: str, node: str, resource: str, size_bytes: int,
                force: bool = False, *, al_extents_max: int = AL_EXTENTS_MAX) -> Metadata:
-        """create-md: fresh metadata for a disk of SIZE_BYTES. Refuses to wipe valid metadata
-        unless FORCE. Blocking."""
+        """create-md: fresh metadata in the file PATH (created with mode 0600 if missing,
+        locked against every other user first). Blocking."""
+        file = FdFile(path, create=True)
+        try:
+            return cls.create_on(file, node, resource, size_bytes, force,
+                                 al_extents_max=al_extents_max)
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def create_on(cls, file: MetaFile, node: str, resource: str, size_bytes: int,
+                  force: bool = False, *, al_extents_max: int = AL_EXTENTS_MAX) -> Metadata:
+        """create-md on FILE: fresh metadata for a disk of SIZE_BYTES. Refuses to wipe valid
+        metadata unless FORCE. On success the Metadata owns FILE; on failure the caller
+        still does. Blocking."""
+        path = file.name
         sb = Superblock(node=node, resource=resource, size_bytes=size_bytes)
         problems = sb.problems()
         if problems:
             raise MetadataError(f"cannot create metadata {path}: {'; '.join(problems)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise MetadataError(f"metadata {path} is not a regular file: give a file path")
-            if not force:
-                _refuse_to_overwrite(fd, path)
-            # Truncating to 0 first drops any old bitmap; the regrown file is sparse zeros.
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, metadata_file_bytes(size_bytes))
-            for seq in range(2):  # both slots, so neither holds garbage
-                _pwrite_all(fd, _encode_al_slot(seq, []), AL_OFFSET + seq * AL_SLOT_BYTES)
-            # The superblock goes last, after the rest is durable: a crash in between leaves
-            # a file that create-md simply redoes, never a valid superblock over garbage.
-            os.fdatasync(fd)
-            for seq in range(2):
-                _pwrite_all(fd, _encode_sb_slot(seq, sb), SB_OFFSET + seq * SB_SLOT_BYTES)
-            os.fdatasync(fd)
-            _fsync_dir(path)
-        except BaseException:
-            os.close(fd)
-            raise
-        md = cls(path, fd, 1, sb, al_extents_max)
+        if not force:
+            _refuse_to_overwrite(file)
+        # Truncating to 0 first drops any old bitmap; the regrown file is sparse zeros.
+        file.truncate(0)
+        file.truncate(metadata_file_bytes(size_bytes))
+        for seq in range(2):  # both slots, so neither holds garbage
+            file.pwrite(_encode_al_slot(seq, []), AL_OFFSET + seq * AL_SLOT_BYTES)
+        _write_crc_entries(file, crc_table_offset(size_bytes), 0,
+                           [ZERO_PAGE_CRC] * bitmap_pages(size_bytes))
+        # The superblock goes last, after the rest is durable: a crash in between leaves
+        # a file that create-md simply redoes, never a valid superblock over garbage.
+        file.sync()
+        for seq in range(2):
+            file.pwrite(_encode_sb_slot(seq, sb), SB_OFFSET + seq * SB_SLOT_BYTES)
+        file.sync()
+        md = cls(file, 1, sb, al_extents_max)
         md.al_seq = 1
         log.info("metadata %s created: node %s, resource %s, %d bytes", path, node,
                  resource, size_bytes)
@@ -651,36 +840,72 @@ class Metadata:
     def open(cls, path: str, node: str | None = None, resource: str | None = None,
              size_bytes: int | None = None, *,
              al_extents_max: int = AL_EXTENTS_MAX) -> Metadata:
-        """Load superblock, activity log and bitmap, checking they belong to NODE, RESOURCE
-        and a disk of SIZE_BYTES (each only if given). Blocking."""
+        """Open the file PATH, locked against every other user before anything is read,
+        and load it as `open_on` does. Blocking."""
+        file = FdFile(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise MetadataError(f"metadata {path} does not exist: run `rblock create-md` "
-                                "first") from None
-        try:
-            seq, sb = _read_superblock(fd, path)
-            _check_identity(path, sb, node, resource, size_bytes)
-            need = metadata_file_bytes(sb.size_bytes, sb.block_bytes)
-            have = os.fstat(fd).st_size
-            if have < need:
-                raise MetadataError(f"metadata {path} is truncated ({have} bytes, needs "
-                                    f"{need}): run `rblock create-md` again")
-            md = cls(path, fd, seq, sb, al_extents_max, _load_bitmap(fd, path, sb))
-            md._load_al()
+            return cls.open_on(file, node, resource, size_bytes,
+                               al_extents_max=al_extents_max)
         except BaseException:
-            os.close(fd)
+            file.close()
             raise
-        log.info("metadata %s opened: seq %d, %s, %d blocks out of sync, AL %d extents%s",
-                 path, seq, sb.disk_state, md.bitmap.count(), len(md._al),
-                 "" if sb.clean_shutdown else ", NOT shut down cleanly")
+
+    @classmethod
+    def open_on(cls, file: MetaFile, node: str | None = None, resource: str | None = None,
+                size_bytes: int | None = None, *,
+                al_extents_max: int = AL_EXTENTS_MAX) -> Metadata:
+        """Load superblock, activity log and bitmap from FILE, checking they belong to NODE,
+        RESOURCE and a disk of SIZE_BYTES (each only if given). Bitmap pages failing their
+        CRC are taken as all set (`bitmap_pages_bad` lists them); a version-1 file is
+        upgraded in place. On success the Metadata owns FILE; on failure the caller still
+        does. Blocking."""
+        path = file.name
+        seq, sb, version = _read_superblock(file)
+        _check_identity(path, sb, node, resource, size_bytes)
+        need = metadata_file_bytes(sb.size_bytes, sb.block_bytes, version)
+        have = file.size()
+        if have < need:
+            raise MetadataError(f"metadata {path} is truncated ({have} bytes, needs "
+                                f"{need}): run `rblock create-md` again")
+        checked = version != FORMAT_VERSION_NO_BITMAP_CRC
+        bitmap, bad = _load_bitmap(file, sb, checked)
+        md = cls(file, seq, sb, al_extents_max, bitmap)
+        md.bitmap_pages_bad = bad
+        md._load_al()
+        if not checked:
+            md._add_crc_table(version)
+        log.info("metadata %s opened: seq %d, %s, %d blocks out of sync, AL %d extents%s%s",
+                 path, md.sb_seq, sb.disk_state, md.bitmap.count(), len(md._al),
+                 "" if sb.clean_shutdown else ", NOT shut down cleanly",
+                 f", {len(bad)} bitmap pages failed their CRC (taken as all set)"
+                 if bad else "")
         return md
+
+    def _add_crc_table(self, old_version: int) -> None:
+        """Upgrade a file without a bitmap CRC table: the table from the bitmap as read,
+        durable, then the superblock with the new version in both slots (a later torn
+        superblock write must not fall back to an old-version slot, whose bitmap the next
+        open would trust unchecked). A crash before the superblock is durable leaves an
+        old-version file, upgraded again at the next open."""
+        with self._io_lock:
+            pages = bitmap_pages(self.sb.size_bytes, self.sb.block_bytes)
+            need = metadata_file_bytes(self.sb.size_bytes, self.sb.block_bytes)
+            if self.file.size() < need:
+                self.file.truncate(need)
+            _write_crc_entries(self.file, self._crc_offset, 0,
+                               [crc32c.crc32c(self._page_image(p)) for p in range(pages)])
+            self.file.sync()
+            self.write_superblock()
+            self.write_superblock()
+        log.warning("metadata %s: upgraded in place from format version %d to %d (added a "
+                    "CRC-32C for each of its %d bitmap pages); an rblock older than this one "
+                    "can no longer open it", self.path, old_version, FORMAT_VERSION, pages)
 
     def _load_al(self) -> None:
         good: list[tuple[int, list[int]]] = []
         bad: list[str] = []
         for slot in range(2):
-            raw = os.pread(self.fd, AL_SLOT_BYTES, AL_OFFSET + slot * AL_SLOT_BYTES)
+            raw = self.file.pread(AL_SLOT_BYTES, AL_OFFSET + slot * AL_SLOT_BYTES)
             try:
                 good.append(_decode_al_slot(raw, self.al_extents_total))
             except (ValueError, struct.error) as e:
@@ -711,15 +936,16 @@ class Metadata:
             assert not problems, f"refusing to write superblock: {'; '.join(problems)}"
             seq = self.sb_seq + 1
             slot = _encode_sb_slot(seq, sb)
-            _pwrite_all(self.fd, slot, SB_OFFSET + (seq % 2) * SB_SLOT_BYTES)
-            os.fdatasync(self.fd)
+            self.file.pwrite(slot, SB_OFFSET + (seq % 2) * SB_SLOT_BYTES)
+            self.file.sync()
             self.sb, self.sb_seq = sb, seq  # only now: a failed write is retried in place
             return sb
 
     # --- bitmap ---------------------------------------------------------------------------
 
     def flush_bitmap(self) -> int:
-        """Write the changed bitmap pages and fdatasync; returns pages written. Blocking."""
+        """Write the changed bitmap pages and their CRCs, fdatasync; returns pages written.
+        Blocking."""
         return self._flush_pages(self.bitmap.dirty_pages())
 
     def _flush_pages(self, pages: Iterable[int]) -> int:
@@ -731,14 +957,27 @@ class Metadata:
             self.bitmap.mark_clean(pages)
             try:
                 for first, count in _runs(pages, IO_CHUNK_BYTES // PAGE_BYTES):
-                    data = b"".join(self.bitmap.page_bytes(p)
-                                    for p in range(first, first + count))
-                    _pwrite_all(self.fd, data, BITMAP_OFFSET + first * PAGE_BYTES)
-                os.fdatasync(self.fd)
+                    images = [self._page_image(p) for p in range(first, first + count)]
+                    # Pages first, then their entries, one sync for both: a crash in between
+                    # (or the disk reordering them) leaves a page whose CRC does not match,
+                    # which the next open takes as all set.
+                    self.file.pwrite(b"".join(images), BITMAP_OFFSET + first * PAGE_BYTES)
+                    _write_crc_entries(self.file, self._crc_offset, first,
+                                       [crc32c.crc32c(image) for image in images])
+                self.file.sync()
             except BaseException:
                 self.bitmap.mark_dirty(pages)
                 raise
             return len(pages)
+
+    def _page_image(self, page: int) -> bytes:
+        """Page PAGE of the bitmap as the file holds it: 4 KiB, the last one zero-padded
+        (its CRC covers the padding too, so a garbled tail is caught)."""
+        data = self.bitmap.page_bytes(page)
+        if len(data) < PAGE_BYTES:
+            data += bytes(PAGE_BYTES - len(data))
+        assert len(data) == PAGE_BYTES, f"bitmap page {page} is {len(data)} bytes"
+        return data
 
     # --- activity log ---------------------------------------------------------------------
 
@@ -888,9 +1127,9 @@ class Metadata:
     def _write_al(self, extents: list[int]) -> None:
         with self._io_lock:
             seq = self.al_seq + 1
-            _pwrite_all(self.fd, _encode_al_slot(seq, extents),
-                        AL_OFFSET + (seq % 2) * AL_SLOT_BYTES)
-            os.fdatasync(self.fd)
+            self.file.pwrite(_encode_al_slot(seq, extents),
+                             AL_OFFSET + (seq % 2) * AL_SLOT_BYTES)
+            self.file.sync()
             self.al_seq = seq
 
     # --- crashes and clean shutdowns ------------------------------------------------------
@@ -931,31 +1170,81 @@ class Metadata:
             return self.write_superblock(clean_shutdown=True, role_primary=False)
 
     def close(self) -> None:
-        """Write back changed bitmap pages (bits must never be lost) and close."""
-        if self.fd < 0:
+        """Write back changed bitmap pages (bits must never be lost) and close the file
+        (which releases its lock). A second call does nothing."""
+        if self._closed:
             return
         try:
             self.flush_bitmap()
         finally:
-            os.close(self.fd)
-            self.fd = -1
+            self._closed = True
+            self.file.close()
+
+    def abandon(self) -> None:
+        """Close the file without writing anything, as a killed process would leave it:
+        for tests and simulators of crashes."""
+        self._closed = True
+        self.file.close()
 
 
-def _load_bitmap(fd: int, path: str, sb: Superblock) -> Bitmap:
-    region = bytearray(bitmap_region_bytes(sb.size_bytes, sb.block_bytes))
-    view = memoryview(region)
-    done = 0
-    while done < len(region):  # preadv straight into the buffer: one copy less of 32 MiB
-        n = os.preadv(fd, [view[done:]], BITMAP_OFFSET + done)
-        if n <= 0:
-            raise MetadataError(f"metadata {path}: bitmap ends early at byte {done}: run "
-                                "`rblock create-md` again")
-        done += n
+def _load_bitmap(file: MetaFile, sb: Superblock,
+                 checked: bool) -> tuple[Bitmap, tuple[int, ...]]:
+    """The bitmap as stored, and the pages that failed their CRC (if CHECKED), which are
+    taken as all bits set: a torn or garbled page may have lost any of its bits."""
+    path = file.name
+    pages = bitmap_pages(sb.size_bytes, sb.block_bytes)
+    region = bytearray(pages * PAGE_BYTES)
+    for a in range(0, len(region), READ_CHUNK_BYTES):
+        n = min(READ_CHUNK_BYTES, len(region) - a)
+        chunk = file.pread(n, BITMAP_OFFSET + a)
+        if len(chunk) != n:
+            raise MetadataError(f"metadata {path}: bitmap ends early at byte "
+                                f"{a + len(chunk)}: run `rblock create-md` again")
+        region[a:a + n] = chunk
+    bad: list[int] = []
+    if checked:
+        table = _pread_exact(file, pages * CRC.size, crc_table_offset(sb.size_bytes,
+                                                                       sb.block_bytes))
+        stored = struct.unpack(f">{pages}I", table)
+        view = memoryview(region)
+        bad = [p for p in range(pages)
+               if crc32c.crc32c(view[p * PAGE_BYTES:(p + 1) * PAGE_BYTES]) != stored[p]]
+        view.release()
+        for p in bad:  # whatever a bad page holds, even bits past the end, is not used
+            region[p * PAGE_BYTES:(p + 1) * PAGE_BYTES] = bytes(PAGE_BYTES)
+    nbits = sb.size_bytes // sb.block_bytes
     try:
-        return Bitmap(sb.size_bytes // sb.block_bytes, region, sb.block_bytes)
+        bitmap = Bitmap(nbits, region, sb.block_bytes)
     except ValueError as e:
         raise MetadataError(f"metadata {path}: bitmap is corrupt ({e}): run "
                             "`rblock create-md` again") from None
+    del region  # the bitmap has its own copy; this one is up to 2 GiB
+    for p in bad:
+        # Setting the bits also dirties the page: the next flush rewrites it with its CRC.
+        first = p * BITS_PER_PAGE
+        bitmap.set_blocks(first, min(BITS_PER_PAGE, nbits - first))
+    _log_bad_pages(path, bad, nbits, sb.block_bytes)
+    return bitmap, tuple(bad)
+
+
+def _log_bad_pages(path: str, bad: list[int], nbits: int, block_bytes: int) -> None:
+    """One warning per run of consecutive bad pages, naming the disk range it covers; at
+    most BAD_PAGE_RUNS_LOGGED_MAX of them, then one line for the rest."""
+    runs = _runs(bad, len(bad) or 1)
+    for first, count in runs[:BAD_PAGE_RUNS_LOGGED_MAX]:
+        block_first = first * BITS_PER_PAGE
+        block_end = min((first + count) * BITS_PER_PAGE, nbits)
+        pages = f"page {first}" if count == 1 else f"pages {first}-{first + count - 1}"
+        log.warning(
+            "metadata %s: bitmap %s failed the CRC-32C check (a torn write-back or a "
+            "corrupted page): disk bytes %d-%d (%d blocks) are taken as out of sync and will "
+            "be resynced in full", path, pages, block_first * block_bytes,
+            block_end * block_bytes - 1, block_end - block_first)
+    rest = runs[BAD_PAGE_RUNS_LOGGED_MAX:]
+    if rest:
+        log.warning("metadata %s: %d more runs of bitmap pages (%d pages) failed the CRC-32C "
+                    "check and are taken as out of sync", path, len(rest),
+                    sum(count for _, count in rest))
 
 
 def _check_identity(path: str, sb: Superblock, node: str | None, resource: str | None,

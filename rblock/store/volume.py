@@ -8,6 +8,13 @@ receiving while the kernel copies and the GIL is released.
 Durability: a FLUSH makes every write that completed before it durable, whichever connection
 sent it, because all connections share this one file descriptor (multi-conn safe).
 Concurrent flushes share one fdatasync (`GroupSync`).
+
+Exclusive use: like DRBD, which opens its backing device exclusively ("device is attached"),
+a volume is opened so that a second user is refused rather than writing under the first: a
+block device with O_EXCL (the kernel refuses a second O_EXCL open, and one of a mounted
+device), a regular file with a flock (LOCK_EX; LOCK_SH when read-only, so read-only users
+may share a file nobody writes; O_EXCL has no shared form, so they cannot share a device).
+The metadata file takes the same kind of lock (`metadata.FdFile`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +52,71 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+LOCK_HOLDER_CMDLINE_CHARS_MAX = 160  # of the holder's command line, in an error message
+PROC_LOCKS_BYTES_MAX = 4 * 1024 * 1024  # read of /proc/locks when naming a lock's holder
+
+
+class VolumeInUse(DeviceError):
+    """The backing file or device is opened exclusively by someone else; errno EBUSY."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EBUSY, message)
+
+
+def try_flock(fd: int, shared: bool) -> bool:
+    """Take a flock on FD without waiting: True if taken, False if someone holds a
+    conflicting one. flock locks belong to the open file description: a second open of the
+    same file, even in this process, conflicts; the lock goes with the last close."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def in_use_message(fd: int, subject: str, hint: str) -> str:
+    """The error for a flock on FD's file that someone else holds: SUBJECT ("metadata
+    PATH") "is in use by" whom, from /proc/locks (the pid that took the lock) and that
+    process's command line, then HINT (what to stop). A holder in this same process is a
+    file given twice (two resources or exports on one file), and is reported as that."""
+    pid = _flock_holder_pid(fd)
+    if pid is None:
+        return f"{subject} is in use by another process ({hint})"
+    if pid == os.getpid():
+        return (f"{subject} is already open in this process (pid {pid}): is the same file "
+                "given twice? give each resource or export its own file")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(LOCK_HOLDER_CMDLINE_CHARS_MAX + 1)
+    except OSError:
+        raw = b""
+    cmd = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    if len(cmd) > LOCK_HOLDER_CMDLINE_CHARS_MAX:
+        cmd = cmd[:LOCK_HOLDER_CMDLINE_CHARS_MAX] + "..."
+    who = f"pid {pid}: {cmd}" if cmd else f"pid {pid}"
+    return f"{subject} is in use by another process ({who}) ({hint})"
+
+
+def _flock_holder_pid(fd: int) -> int | None:
+    """The pid that took a flock on FD's file (per /proc/locks), or None if not found."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read(PROC_LOCKS_BYTES_MAX).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 7739 fe:00:2146354 0 EOF"; waiters have "->" at [1].
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            try:
+                return int(fields[4])
+            except ValueError:
+                return None
+    return None
 
 
 class GroupSync:
@@ -94,10 +167,37 @@ def _copy_outcome(src: asyncio.Future, dst: asyncio.Future) -> None:
 
 
 class FileVolume(BlockDevice):
-    def __init__(self, path: str, read_only: bool = False):
+    def __init__(self, path: str, read_only: bool = False, exclusive: bool = True):
+        """Open PATH (a regular file or a block device). EXCLUSIVE (the default: both
+        `rblock serve` and a node's daemon want it) refuses, with VolumeInUse, a file or
+        device someone else has open the same way, or a mounted device; pass False only
+        for a reader that knows it may share (a tool looking at a stopped node's disk)."""
         self.path = path
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_EXCL without O_CREAT means "exclusive" only for a block device (Linux); it is
+        # passed only when the path is one, and fstat below checks it still is.
+        block = exclusive and stat.S_ISBLK(os.stat(path).st_mode)
+        try:
+            self.fd = os.open(path, flags | (os.O_EXCL if block else 0))
+        except OSError as e:
+            if block and e.errno == errno.EBUSY:
+                raise VolumeInUse(
+                    f"block device {path} is in use (mounted, held by md/LVM/device-mapper, "
+                    "or opened by another process: is `rblock up` or `rblock serve` running "
+                    "with it?): stop that first") from None
+            raise
+        try:
+            st = os.fstat(self.fd)
+            if exclusive and stat.S_ISBLK(st.st_mode) != block:
+                raise DeviceError(errno.EAGAIN, f"{path} changed from or to a block device "
+                                  "while being opened: retry")
+            if exclusive and not block and not try_flock(self.fd, shared=read_only):
+                raise VolumeInUse(in_use_message(
+                    self.fd, path, "is `rblock up` or `rblock serve` running with it? stop "
+                    "it first"))
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self.size_bytes = os.lseek(self.fd, 0, os.SEEK_END)
         self.capabilities = Capabilities(read_only=read_only)
@@ -231,11 +331,15 @@ class FileVolume(BlockDevice):
     async def close(self) -> None:
         if self.fd < 0:
             return
-        if not self.capabilities.read_only:
-            await self.flush()
-        self._executor.shutdown(wait=True)
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            if not self.capabilities.read_only:
+                await self.flush()
+        finally:
+            # Even if the flush failed (a failing disk is why one detaches): a descriptor
+            # left open would keep the lock, and re-attaching the disk would be refused.
+            self._executor.shutdown(wait=True)
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, flags: int) -> None:
@@ -275,8 +379,9 @@ def _write_zeroes_slow(fd: int, offset: int, length: int) -> None:
 
 
 def create_image(path: str, size_bytes: int) -> None:
-    """Create a sparse raw image of SIZE_BYTES; refuses to touch an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    """Create a sparse raw image of SIZE_BYTES, mode 0600 (it holds a guest's data: no one
+    else on the host may read it); refuses (FileExistsError) to touch an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size_bytes)
     finally:

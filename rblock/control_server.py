@@ -1,4 +1,5 @@
-"""The control API of a node: HTTP (aiohttp) on a TCP port or a Unix socket.
+"""The control API of a node, served over HTTP (aiohttp) on a TCP port or a Unix socket:
+`start_control`, its handlers, the `EventBus` behind /v1/events and `node_status`.
 
     GET  /v1/status                       -> {"node", "resources": [...]} (see Resource.status)
     POST /v1/resources/{name}/{action}    -> {"ok": true, "message"} | 409 {"error"}
@@ -6,32 +7,47 @@
                   disconnect, verify, invalidate
     GET  /v1/events                       -> one JSON object per line, as state changes
 
-The CLI (`rblock status|primary|...`) and hvctl are its clients (`ControlClient`).
+It serves any `ServedNode` (rblock.node.Node is the one the daemon runs) and does not import
+rblock.node: the daemon wires it in, never the other way round. Its clients (the CLI, hvctl)
+use rblock/control_client.py, which does not import this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 from aiohttp import web
 
-from rblock.config import Address
 from rblock.replica.resource import ResourceError
 
 if TYPE_CHECKING:
-    from rblock.node import Node
+    from rblock.config import NodeConfig
+
+log = logging.getLogger("rblock.control")
 
 EVENT_QUEUE_MAX = 1000  # per subscriber; a slow reader loses the oldest events
-CLIENT_TIMEOUT_S = 30.0
+
+
+NODE_KEY: web.AppKey = web.AppKey("node")  # the node an app serves
+
+class ControlServerError(Exception):
+    """The control API could not start; the message names the address and the reason."""
 
 
 class EventBus:
+    """Fan-out of state changes to every /v1/events stream, each with its bounded queue."""
+
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue] = set()
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many streams are open."""
+        return len(self._subscribers)
 
     def publish(self, event: dict) -> None:
         for q in self._subscribers:
@@ -55,14 +71,43 @@ class EventBus:
             q.put_nowait(None)
 
 
-def node_status(node: Node) -> dict:
+class ServedResource(Protocol):
+    """What the control API calls on a resource (rblock.replica.resource.Resource). A refused
+    command raises ResourceError, answered 409 with its message."""
+
+    def status(self, nbd_uri: str) -> dict: ...
+    async def promote(self, force: bool = False) -> str: ...
+    async def demote(self, force: bool = False) -> str: ...
+    def connect(self, discard_my_data: bool = False) -> None: ...
+    def disconnect(self) -> None: ...
+    def start_verify(self) -> None: ...
+    async def invalidate(self) -> None: ...
+
+
+class ServedNode(Protocol):
+    """What the control API needs of the node it serves (rblock.node.Node)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def me(self) -> NodeConfig: ...  # its `control` address is where the API listens
+    @property
+    def resources(self) -> Mapping[str, ServedResource]: ...
+    @property
+    def events(self) -> EventBus: ...
+    def nbd_uri(self, export: str) -> str: ...
+    def drop_nbd_clients(self, export: str) -> None: ...
+
+
+def node_status(node: ServedNode) -> dict:
     return {"node": node.name,
             "resources": [r.status(node.nbd_uri(name)) for name, r in node.resources.items()]}
 
 
-async def start_control(node: Node) -> web.AppRunner:
+async def start_control(node: ServedNode) -> web.AppRunner:
+    """Listen on the node's control address; raises ControlServerError if it cannot."""
     app = web.Application()
-    app["node"] = node
+    app[NODE_KEY] = node
     app.add_routes([
         web.get("/v1/status", _status),
         web.post("/v1/resources/{name}/{action}", _action),
@@ -79,17 +124,17 @@ async def start_control(node: Node) -> web.AppRunner:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        from rblock.node import NodeError
-        raise NodeError(f"cannot listen for the control API on {addr}: {e.strerror}") from None
+        raise ControlServerError(f"cannot listen for the control API on {addr}: "
+                                 f"{e.strerror}") from None
     return runner
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(node_status(request.app["node"]))
+    return web.json_response(node_status(request.app[NODE_KEY]))
 
 
 async def _action(request: web.Request) -> web.Response:
-    node: Node = request.app["node"]
+    node: ServedNode = request.app[NODE_KEY]
     name, action = request.match_info["name"], request.match_info["action"]
     r = node.resources.get(name)
     if r is None:
@@ -131,72 +176,20 @@ async def _action(request: web.Request) -> web.Response:
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    node: Node = request.app["node"]
+    node: ServedNode = request.app[NODE_KEY]
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    q = node.events.subscribe()
+    q = node.events.subscribe()  # before the headers go out: a client that has them is in
     try:
+        await resp.prepare(request)
         while (ev := await q.get()) is not None:
             await resp.write(json.dumps(ev).encode() + b"\n")
+        await resp.write_eof()
+    except ConnectionError as e:
+        # The reader went away (`rblock events` killed, a socket closed). aiohttp does not
+        # cancel a handler whose client left (handler_cancellation stays off: an action cut
+        # off halfway would be worse), so a write is where we learn it; the stream ends here.
+        log.debug("events stream to %s ended: the reader went away (%s)",
+                  request.remote or "unix socket", e)
     finally:
         node.events.unsubscribe(q)
-    await resp.write_eof()
     return resp
-
-
-def in_sync(resource: dict) -> bool:
-    """A resource of `rblock status --json` is in sync: its disk and every peer's UpToDate,
-    replication Established, nothing out of sync (what scripts wait for after a resync)."""
-    return resource["disk"] == "UpToDate" and all(
-        p["disk"] == "UpToDate" and p["replication"] == "Established"
-        and not p["out_of_sync_bytes"] for p in resource["peers"])
-
-
-class ControlError(Exception):
-    """The node refused a command or could not be reached; the message says which."""
-
-
-class ControlClient:
-    def __init__(self, addr: Address):
-        self.addr = addr
-        if addr.unix_path:
-            self._base = "http://rblock"
-        else:
-            host = f"[{addr.host}]" if ":" in addr.host else addr.host
-            self._base = f"http://{host}:{addr.port}"
-
-    def _session(self, timeout_s: float | None = CLIENT_TIMEOUT_S) -> aiohttp.ClientSession:
-        connector = (aiohttp.UnixConnector(path=self.addr.unix_path) if self.addr.unix_path
-                     else aiohttp.TCPConnector())
-        return aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=timeout_s))
-
-    async def status(self) -> dict:
-        try:
-            async with self._session() as s, s.get(self._base + "/v1/status") as resp:
-                return await resp.json()
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
-                               f"is 'rblock up' running there?") from None
-
-    async def action(self, resource: str, action: str, **body: Any) -> str:
-        url = f"{self._base}/v1/resources/{resource}/{action}"
-        try:
-            async with self._session() as s, s.post(url, json=body) as resp:
-                data = await resp.json()
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
-                               f"is 'rblock up' running there?") from None
-        if "error" in data:
-            raise ControlError(data["error"])
-        return data["message"]
-
-    async def events(self) -> AsyncIterator[dict]:
-        try:
-            async with self._session(None) as s, s.get(self._base + "/v1/events") as resp:
-                async for line in resp.content:
-                    if line.strip():
-                        yield json.loads(line)
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}") \
-                from None
