@@ -91,7 +91,13 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
                          ("connect", "connect to the peer (after disconnect or split brain)"),
                          ("disconnect", "drop the peer link and stay StandAlone"),
                          ("verify", "compare checksums with the peer; mark differences"),
-                         ("invalidate", "discard this node's data: resync it from the peer")]:
+                         ("invalidate", "discard this node's data: resync it from the peer"),
+                         ("detach", "stop using this node's disk (Diskless): I/O goes to the "
+                                    "peer"),
+                         ("attach", "open the disk again (after create-md on a replaced one) "
+                                    "and resync it from the peer"),
+                         ("inject-fault", "test aid: make this node's disk fail reads, writes "
+                                          "or flushes with EIO")]:
         p = sub.add_parser(action, help=text)
         _node_args(p)
         p.add_argument("resource", metavar="RES")
@@ -102,6 +108,10 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
         if action == "connect":
             p.add_argument("--discard-my-data", action="store_true",
                            help="after a split brain: this node's changes are thrown away")
+        if action == "inject-fault":
+            for what in ("reads", "writes", "flushes"):
+                p.add_argument(f"--{what}", action="store_true", help=f"fail {what}")
+            p.add_argument("--clear", action="store_true", help="stop failing")
         p.set_defaults(func=_cmd_action, action=action)
 
 
@@ -170,9 +180,19 @@ def format_status(st: dict) -> str:
     for r in st["resources"]:
         lines.append(f"{r['name']} role:{r['role']} disk:{r['disk']} size:{_mib(r['size_bytes'])}"
                      + (f" nbd:{r['nbd']}" if r.get("nbd") else ""))
+        if r["disk"] == "Diskless":
+            lines.append("  no local disk: I/O goes to the peer; 'rblock attach "
+                         f"{r['name']}' after replacing it (create-md)")
+        if r.get("disk_faults"):
+            lines.append(f"  fault injection on: the disk fails {', '.join(r['disk_faults'])}")
         for p in r["peers"]:
             lines.append(f"  {p['node']} connection:{p['connection']} role:{p['role']} "
                          f"replication:{p['replication']} peer-disk:{p['disk']}")
+            if p.get("split_brain"):
+                lines.append("    split brain: both nodes wrote since they parted; keep one "
+                             "side's data with 'connect --discard-my-data' on the other")
+            elif p.get("refusal"):
+                lines.append(f"    refused: {p['refusal']}")
             detail = f"    out-of-sync:{_mib(p['out_of_sync_bytes'])}"
             if p["replication"] not in ("Established", "Off"):
                 eta = "?" if p["eta_s"] is None else f"{p['eta_s']:.0f}s"
@@ -185,6 +205,9 @@ def format_status(st: dict) -> str:
 
 
 def _mib(n: int) -> str:
+    """Sizes exact when small (12KiB, not 0.0MiB): a problem is never rounded away."""
+    if n < 2**20:
+        return f"{n // 1024}KiB" if n % 1024 == 0 else f"{n}B"
     return f"{n / 2**20:.1f}MiB"
 
 
@@ -214,7 +237,13 @@ def _cmd_events(args: argparse.Namespace) -> int:
 def _cmd_action(args: argparse.Namespace) -> int:
     from rblock.control_client import ControlError
 
-    body = {}
+    body: dict = {}
+    if args.action == "inject-fault":
+        chosen = {w: getattr(args, w) for w in ("reads", "writes", "flushes")}
+        if args.clear == any(chosen.values()):
+            return _usage("inject-fault needs --clear or at least one of --reads, --writes, "
+                          "--flushes")
+        body.update(chosen)
     if getattr(args, "force", False):
         body["force"] = True
     if getattr(args, "discard_my_data", False):

@@ -4,7 +4,8 @@
     GET  /v1/status                       -> {"node", "resources": [...]} (see Resource.status)
     POST /v1/resources/{name}/{action}    -> {"ok": true, "message"} | 409 {"error"}
          actions: primary, secondary (body {"force": bool}), connect ({"discard_my_data"}),
-                  disconnect, verify, invalidate
+                  disconnect, verify, invalidate, detach, attach,
+                  inject-fault ({"reads", "writes", "flushes": bool}; all false clears)
     GET  /v1/events                       -> one JSON object per line, as state changes
 
 It serves any `ServedNode` (rblock.node.Node is the one the daemon runs) and does not import
@@ -33,6 +34,8 @@ EVENT_QUEUE_MAX = 1000  # per subscriber; a slow reader loses the oldest events
 
 
 NODE_KEY: web.AppKey = web.AppKey("node")  # the node an app serves
+ACTIONS = ("primary", "secondary", "connect", "disconnect", "verify", "invalidate", "detach",
+           "attach", "inject-fault")
 
 class ControlServerError(Exception):
     """The control API could not start; the message names the address and the reason."""
@@ -78,10 +81,13 @@ class ServedResource(Protocol):
     def status(self, nbd_uri: str) -> dict: ...
     async def promote(self, force: bool = False) -> str: ...
     async def demote(self, force: bool = False) -> str: ...
-    def connect(self, discard_my_data: bool = False) -> None: ...
-    def disconnect(self) -> None: ...
-    def start_verify(self) -> None: ...
-    async def invalidate(self) -> None: ...
+    def connect(self, discard_my_data: bool = False) -> str: ...
+    def disconnect(self) -> str: ...
+    def start_verify(self) -> str: ...
+    async def invalidate(self) -> str: ...
+    def detach(self) -> str: ...
+    async def attach(self) -> str: ...
+    def inject_fault(self, reads: bool, writes: bool, flushes: bool) -> str: ...
 
 
 class ServedNode(Protocol):
@@ -155,21 +161,27 @@ async def _action(request: web.Request) -> web.Response:
                 node.drop_nbd_clients(name)
             msg = await r.demote(force)
         elif action == "connect":
-            r.connect(bool(body.get("discard_my_data")))
-            msg = "connecting"
+            msg = r.connect(bool(body.get("discard_my_data")))
         elif action == "disconnect":
-            r.disconnect()
-            msg = "disconnected (StandAlone)"
+            msg = r.disconnect()
         elif action == "verify":
-            r.start_verify()
-            msg = "verify started"
+            msg = r.start_verify()
         elif action == "invalidate":
             await r.invalidate()
             msg = "invalidated: resyncing from the peer"
+        elif action == "detach":
+            msg = r.detach()
+        elif action == "attach":
+            msg = await r.attach()
+        elif action == "inject-fault":
+            flags = {k: body.get(k, False) for k in ("reads", "writes", "flushes")}
+            if not all(isinstance(v, bool) for v in flags.values()):
+                return web.json_response({"error": "inject-fault takes booleans reads, "
+                                                   "writes and flushes"}, status=400)
+            msg = r.inject_fault(**flags)
         else:
-            return web.json_response({"error": f"unknown action '{action}'; actions: primary, "
-                                               f"secondary, connect, disconnect, verify, "
-                                               f"invalidate"}, status=404)
+            return web.json_response({"error": f"unknown action '{action}'; actions: "
+                                               f"{', '.join(ACTIONS)}"}, status=404)
     except ResourceError as e:
         return web.json_response({"error": str(e)}, status=409)
     return web.json_response({"ok": True, "message": msg})

@@ -7,7 +7,8 @@ A node serves, for every resource it holds a disk for:
   name sorts first dials (with backoff), the other accepts; for a resource with `tls = true`
   both ends run it in TLS with the node's `tls_cert`/`tls_key`, checking the peer against
   `tls_ca` (rblock/replica/link.py);
-- the control API on its `control` address (rblock/control.py), used by the CLI and hvctl.
+- the control API on its `control` address (rblock/control_server.py), used by the CLI and
+  hvctl through rblock/control_client.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rblock.control_server import EventBus, start_control
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
-from rblock.replica.effects import Event
+from rblock.replica.effects import Event, ResourceError
 from rblock.replica.link import (
     AUTH_TIMEOUT_S,
     PeerLink,
@@ -112,7 +113,10 @@ class Node:
             peer = self.cfg.peers(res.name, self.name)[0]
             r = Resource(self.name, res, peer.name, volume, meta, self._emit,
                          open_disk=lambda res=res, disk=disk, mp=meta_path:
-                         self._open_disk(res, disk, mp))
+                         self._reopen_disk(res, disk, mp),
+                         open_meta=lambda res=res, mp=meta_path: Metadata.open(
+                             str(mp), self.name, res.name, res.size_bytes,
+                             al_extents_max=res.al_extents))
             r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
             self.resources[res.name] = r
 
@@ -138,6 +142,14 @@ class Node:
             meta.close()
             raise
         return volume, meta
+
+    def _reopen_disk(self, res: ResourceConfig, disk: Path, meta_path: Path
+                     ) -> tuple[FileVolume, Metadata]:
+        """`rblock attach`: the disk and metadata opened again; refusals as ResourceError."""
+        try:
+            return self._open_disk(res, disk, meta_path)
+        except NodeError as e:
+            raise ResourceError(f"cannot attach {res.name} on {self.name}: {e}") from None
 
     def _emit(self, ev: Event) -> None:
         level = logging.WARNING if ev.what in ("split-brain",) else logging.INFO
@@ -276,8 +288,15 @@ class Node:
                 if self.name < r.peer_node:
                     self._tasks.append(loop.create_task(self._dial_loop(r)))
             stop = asyncio.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+
+            def on_signal(sig: signal.Signals) -> None:
+                # SIGHUP too (a closed terminal, or a reload the daemon does not have): a
+                # clean stop, logged, rather than Python's default of dying mid-write.
+                log.info("node %s: %s received", self.name, sig.name)
+                stop.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, on_signal, sig)
             log.info("node %s up: %d resource(s), NBD on %s, peers on %s, control on %s",
                      self.name, len(self.resources), self.me.nbd, repl, self.me.control)
             print("ready", flush=True)

@@ -1825,7 +1825,11 @@ class ResourceCore:
         # is what then keeps it from promotion.
         known_alone = (self.link_is_up and self.phase in DECIDED
                        and self.peer_disk is not Disk.UPTODATE)
-        self._detached = (self.gen, was)
+        # What the detached disk held, to give it its state back if it is attached again
+        # before any write went elsewhere. Only a Primary can know that (every write passes
+        # through it: `_route` forgets this at the first); a Secondary's peer may write
+        # without it at any time, unseen.
+        self._detached = (self.gen, was) if self.role is _PRIMARY else None
         # Marked Outdated now, or else before the first write that goes on without it.
         self._detached_unmarked = was in (Disk.UPTODATE, Disk.OUTDATED)
         if self.bitmap is not None and not known_alone and self._detached_unmarked:
@@ -2026,6 +2030,7 @@ class ResourceCore:
         def flushed(_token: Any, exc: BaseException | None) -> None:
             # Every write answered as Primary is durable on both nodes first.
             self._set("role", Role.SECONDARY)
+            self._detached = None  # the peer may write without the detached disk from now
 
             def persisted() -> None:
                 if self.link_is_up and self.phase in DECIDED:

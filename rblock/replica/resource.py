@@ -33,7 +33,7 @@ from rblock.replica.state import DISK_PERSISTED, PERSISTED_DISK, Conn, Disk, Gen
 from rblock.replica.wire import Frame, T
 from rblock.store.device import BlockDevice, Capabilities, DeviceError
 from rblock.store.faults import FaultyDevice
-from rblock.store.metadata import Metadata
+from rblock.store.metadata import Metadata, MetadataError
 
 log = logging.getLogger("rblock.resource")
 
@@ -44,7 +44,8 @@ DiskOpener = Callable[[], tuple[BlockDevice, Metadata]]
 class Resource(BlockDevice):
     def __init__(self, node: str, cfg: ResourceConfig, peer_node: str, volume: BlockDevice,
                  meta: Metadata, emit: Callable[[Event], None],
-                 open_disk: DiskOpener | None = None):
+                 open_disk: DiskOpener | None = None,
+                 open_meta: Callable[[], Metadata] | None = None):
         self.node = node
         self.cfg = cfg
         self.name = cfg.name
@@ -53,6 +54,7 @@ class Resource(BlockDevice):
         self.meta: Metadata | None = meta
         self._emit = emit
         self._open_disk = open_disk
+        self._open_meta = open_meta  # the detached disk's metadata, to mark it Outdated
         self.size_bytes = cfg.size_bytes
         self.description = f"rblock resource {cfg.name} on {node}"
         self.capabilities = Capabilities(can_multi_conn=True)
@@ -66,6 +68,7 @@ class Resource(BlockDevice):
         self._disk_idle = asyncio.Event()
         self._disk_idle.set()
         self._drain_watch = False
+        self._faults = (False, False, False)  # inject_fault: reads, writes, flushes
         sb = meta.sb
         self.core = ResourceCore(
             node, cfg, peer_node, self, self._loop.time,
@@ -341,6 +344,25 @@ class Resource(BlockDevice):
     def disk_flush(self, token: int) -> None:
         self._disk_op(token, lambda v: v.flush())
 
+    def outdate_detached(self, token: int) -> None:
+        opener = self._open_meta
+
+        async def run() -> None:
+            if opener is None:
+                raise OSError(f"{self.name}: this node cannot open metadata")
+
+            def mark() -> None:
+                try:
+                    meta = opener()
+                except MetadataError as e:  # locked, damaged, gone: the core logs it
+                    raise OSError(str(e)) from None
+                try:
+                    meta.write_superblock(disk_state=DISK_PERSISTED[Disk.OUTDATED])
+                finally:
+                    meta.close()
+            await self._loop.run_in_executor(None, mark)
+        self._meta_queue.put_nowait((token, run))
+
     def detach_disk(self) -> None:
         volume, meta = self.volume, self.meta
         self.volume = self.meta = None
@@ -487,26 +509,32 @@ class Resource(BlockDevice):
         if self.core.has_disk:  # attached twice at once
             await _close_quietly(self.name, volume, meta)
             raise ResourceError(f"{self.name} on {self.node} already has a disk")
-        self.volume, self.meta = volume, meta
+        self.volume, self.meta = self._with_faults(volume), meta
         gen = Generation(sb.uuid_current, sb.uuid_bitmap, tuple(sb.uuid_history))
         return self.core.attached(gen, PERSISTED_DISK[sb.disk_state], meta.bitmap, meta)
 
     def inject_fault(self, reads: bool, writes: bool, flushes: bool) -> str:
         """Test aid, like DRBD's fault injection: make this node's disk fail the chosen
-        operations with EIO from now on (all False: stop failing)."""
+        operations with EIO from now on (all False: stop failing). The setting belongs to the
+        node's disk slot, not to one open disk: it stays on across detach and attach until
+        cleared, so attaching a disk that still "fails" fails again."""
+        self._faults = (reads, writes, flushes)
         volume = self.volume
-        if volume is None:
-            raise ResourceError(f"{self.name} on {self.node} has no disk to fail")
-        inner = volume.inner if isinstance(volume, FaultyDevice) else volume
+        if volume is not None:
+            inner = volume.inner if isinstance(volume, FaultyDevice) else volume
+            self.volume = self._with_faults(inner)
         if not (reads or writes or flushes):
-            self.volume = inner
             return "disk faults cleared"
-        self.volume = FaultyDevice(inner, reads=reads, writes=writes, flushes=flushes)
-        what = ", ".join(w for w, on in (("reads", reads), ("writes", writes),
-                                         ("flushes", flushes)) if on)
+        what = ", ".join(FaultyDevice(self, reads=reads, writes=writes, flushes=flushes).faults)
         log.warning("%s: fault injection: the disk on %s now fails %s", self.name, self.node,
                     what)
         return f"the disk now fails {what} with EIO"
+
+    def _with_faults(self, volume: BlockDevice) -> BlockDevice:
+        reads, writes, flushes = self._faults
+        if not (reads or writes or flushes):
+            return volume
+        return FaultyDevice(volume, reads=reads, writes=writes, flushes=flushes)
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -516,8 +544,8 @@ class Resource(BlockDevice):
         for peer in st["peers"]:
             peer["sent_bytes"] = link.sent_bytes if link else 0
             peer["received_bytes"] = link.received_bytes if link else 0
-        st["disk_faults"] = (self.volume.faults if isinstance(self.volume, FaultyDevice)
-                             else None)
+        st["disk_faults"] = [w for w, on in zip(("reads", "writes", "flushes"), self._faults,
+                                                strict=True) if on] or None
         return st
 
 
