@@ -506,6 +506,10 @@ class SimNode:
         sb = meta.sb
         self.core.attached(Generation(sb.uuid_current, sb.uuid_bitmap, tuple(sb.uuid_history)),
                            PERSISTED_DISK[sb.disk_state], meta.bitmap, meta)
+        if self.core.disk is Disk.UPTODATE:
+            # Invariant promote: a disk that comes back UpToDate may be promoted without
+            # --force: it must hold every acknowledged write.
+            self.world.check_promotable(self)
 
 
 @dataclass

@@ -159,3 +159,48 @@ def test_control_address_taken(cluster):
     assert last.startswith(f"rblock: cannot listen for the control API on 127.0.0.1:{port}: "), \
         res.stderr
     assert "address already in use" in last.lower(), res.stderr
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=READ_TIMEOUT_S)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_bad_action_requests_get_the_right_status_and_change_nothing(cluster):
+    """Malformed or refused commands: 400, 404 and 409 with a message; the node carries on
+    and its disk is untouched."""
+    c = cluster(size="16M")
+    c.create_md("alpha")
+    c.up("alpha")
+    port = c.ports["alpha"]["control"]
+    status, body = _post(port, "/v1/resources/r0/inject-fault", b'{"reads": "yes"}')
+    assert status == 400 and "booleans" in body["error"], body
+    status, body = _post(port, "/v1/resources/r0/inject-fault", b"not json")
+    assert status == 400 and "not JSON" in body["error"], body
+    status, body = _post(port, "/v1/resources/r0/explode", b"{}")
+    assert status == 404 and "inject-fault" in body["error"] and "attach" in body["error"], body
+    status, body = _post(port, "/v1/resources/r9/attach", b"{}")
+    assert status == 404 and "r9" in body["error"] and "r0" in body["error"], body
+    status, body = _post(port, "/v1/resources/r0/attach", b"{}")
+    assert status == 409 and "already has a disk" in body["error"], body
+    res = c.rblock("alpha", "inject-fault", "r0", check=False)
+    assert res.returncode == 2 and "--clear" in res.stderr, res.stderr
+    st = c.res("alpha")
+    assert st["disk"] == "Inconsistent" and st["disk_faults"] is None, st
+    # the CLI's own round trip of the same command
+    out = c.rblock("alpha", "inject-fault", "r0", "--reads", "--flushes").stdout
+    assert "fails reads, flushes" in out, out
+    assert c.res("alpha")["disk_faults"] == ["reads", "flushes"]
+    assert "fault injection on: the disk fails reads, flushes" in \
+        c.rblock("alpha", "status").stdout
+    c.rblock("alpha", "inject-fault", "r0", "--clear")
+    assert c.res("alpha")["disk_faults"] is None
+    assert c.stop("alpha") == 0
+    assert "Traceback" not in c.log("alpha")
