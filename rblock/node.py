@@ -224,8 +224,10 @@ class Node:
                 link = r.link
                 if link is not None and link.up:
                     await link.closed
-                else:
-                    await asyncio.sleep(0.2)
+                else:  # StandAlone: until `rblock connect`
+                    r.connect_requested.clear()
+                    if r.conn is Conn.STANDALONE:
+                        await r.connect_requested.wait()
                 continue
             link = PeerLink(self.name, dialer=True, ping_interval_s=r.cfg.ping_interval_s,
                             peer_timeout_s=r.cfg.peer_timeout_s, owner=r, secret=r.cfg.secret,

@@ -25,7 +25,7 @@ REGRESSION_RUN_S = 5.0  # the seeds below failed runs of this length (5 s of vir
 EXAMPLES = int(os.environ.get("RBLOCK_SIM_EXAMPLES", "150"))
 
 # Seeds that found a bug while the core was written, with the bug; replayed exactly (runs
-# of REGRESSION_RUN_S, except 2010 and 2154: 20 s).
+# of REGRESSION_RUN_S, except those in LONG_SEEDS: 20 s).
 REGRESSION_SEEDS = {
     0: "a node that detached its disk kept answering bitmap chunks with a size check on a "
        "bitmap it no longer had",
@@ -58,7 +58,16 @@ REGRESSION_SEEDS = {
           "promotion (the operator here stays away from it)",
     2010: "a disk attached Inconsistent after writes went elsewhere served stale blocks",
     2154: "a Diskless primary serves its peer's disk: the peer's losses are what it can lose",
+    3145: "a disk detached while a Secondary, attached back, took UpToDate from a superblock "
+          "whose update had failed with it (20 s)",
+    3183: "a Secondary's detached disk got its UpToDate back although the Primary wrote "
+          "meanwhile (20 s)",
+    3265: "the same, found by the invariant: an attached UpToDate disk holds every "
+          "acknowledged write (20 s)",
 }
+
+
+LONG_SEEDS = (2010, 2154, 3145, 3183, 3265)
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +80,7 @@ def _quiet_core_logs(caplog):
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
 def test_regression_seed(seed):
-    World(seed).run(20.0 if seed in (2010, 2154) else REGRESSION_RUN_S)
+    World(seed).run(20.0 if seed in LONG_SEEDS else REGRESSION_RUN_S)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

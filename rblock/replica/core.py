@@ -277,6 +277,7 @@ class ResourceCore:
         self._diverging: list[Callable[[], None]] = []  # writes waiting for that superblock
         self._disk_gen = 0  # counts detaches: a write's local copy counts on its own disk only
         self._detached: tuple[Generation, Disk] | None = None  # what the detached disk held
+        self._detached_cap: Disk | None = None  # the best an attach may make of it (_detach)
         self._detached_unmarked = False  # ... and its metadata does not say Outdated yet
         self._outdating: list[Callable[[], None]] = []  # writes waiting for that mark
         self._invalidating: Callable[[], None] | None = None  # waits for the peer's applies
@@ -1830,6 +1831,11 @@ class ResourceCore:
         # through it: `_route` forgets this at the first); a Secondary's peer may write
         # without it at any time, unseen.
         self._detached = (self.gen, was) if self.role is _PRIMARY else None
+        # The best state the disk can have when it is attached again in this run: what it
+        # was, and no better than Outdated, since writes may go on without it. The metadata
+        # alone cannot say: a superblock write may have failed with the disk (it would still
+        # read UpToDate).
+        self._detached_cap = Disk.OUTDATED if was is Disk.UPTODATE else was
         # Marked Outdated now, or else before the first write that goes on without it.
         self._detached_unmarked = was in (Disk.UPTODATE, Disk.OUTDATED)
         if self.bitmap is not None and not known_alone and self._detached_unmarked:
@@ -1871,7 +1877,13 @@ class ResourceCore:
         decides from the generations."""
         assert not self.has_disk
         detached, self._detached = self._detached, None
+        cap, self._detached_cap = self._detached_cap, None
         self._detached_unmarked = False
+        if cap is not None and _DISK_RANK[disk] > _DISK_RANK.get(cap, 0):
+            log.warning("%s: the attached disk's metadata says %s, better than this run "
+                        "knows it to be since it was detached: taken as %s", self.name,
+                        disk.value, cap.value)
+            disk = cap
         if (detached is not None and detached[0] == gen == self.gen
                 and disk is Disk.OUTDATED and detached[1] is Disk.UPTODATE):
             # The disk this node detached, and no data went anywhere else meanwhile (this
@@ -2229,6 +2241,8 @@ def _block_crcs(data: bytes | memoryview) -> bytes:
 # --- the frame table: (phase, frame type) -> (the role it needs or None, handler) -------------
 
 _S = Role.SECONDARY
+# How good a disk's data is, for `attached`: a state never rises above what this run knew.
+_DISK_RANK = {Disk.INCONSISTENT: 1, Disk.OUTDATED: 2, Disk.UPTODATE: 3}
 _Handler = Callable[[ResourceCore, Frame], None]
 
 _IN_EVERY_DECIDED: dict[T, tuple[Role | None, _Handler]] = {

@@ -69,6 +69,7 @@ class Resource(BlockDevice):
         self._disk_idle.set()
         self._drain_watch = False
         self._faults = (False, False, False)  # inject_fault: reads, writes, flushes
+        self.connect_requested = asyncio.Event()  # set by connect(): a StandAlone node dials
         sb = meta.sb
         self.core = ResourceCore(
             node, cfg, peer_node, self, self._loop.time,
@@ -473,7 +474,9 @@ class Resource(BlockDevice):
         return self.core.disconnect()
 
     def connect(self, discard_my_data: bool = False) -> str:
-        return self.core.connect(discard_my_data)
+        msg = self.core.connect(discard_my_data)
+        self.connect_requested.set()  # wakes the node's dialer
+        return msg
 
     def start_verify(self) -> str:
         return self.core.verify()
