@@ -58,12 +58,11 @@ REGRESSION_SEEDS = {
           "promotion (the operator here stays away from it)",
     2010: "a disk attached Inconsistent after writes went elsewhere served stale blocks",
     2154: "a Diskless primary serves its peer's disk: the peer's losses are what it can lose",
-    3145: "a disk detached while a Secondary, attached back, took UpToDate from a superblock "
-          "whose update had failed with it (20 s)",
-    3183: "a Secondary's detached disk got its UpToDate back although the Primary wrote "
-          "meanwhile (20 s)",
-    3265: "the same, found by the invariant: an attached UpToDate disk holds every "
-          "acknowledged write (20 s)",
+    3145: "an attached disk came back UpToDate from its superblock, whose update had failed "
+          "with the disk, although this run had detached it mid-resync (Inconsistent)",
+    3183: "an attached disk came back better than this run knew it (found by the attach "
+          "invariant, fixed with 3145)",
+    3265: "the same as 3183",
 }
 
 
