@@ -288,7 +288,9 @@ class Node:
             control = await start_control(self)
             for r in self.resources.values():
                 if self.name < r.peer_node:
-                    self._tasks.append(loop.create_task(self._dial_loop(r)))
+                    task = loop.create_task(self._dial_loop(r))
+                    task.add_done_callback(lambda t, name=r.name: _dialer_ended(t, name))
+                    self._tasks.append(task)
             stop = asyncio.Event()
 
             def on_signal(sig: signal.Signals) -> None:
@@ -322,6 +324,13 @@ class Node:
             await listen(addr.host, addr.port)
         except OSError as e:
             raise NodeError(f"cannot listen for {what} on {addr}: {e.strerror}") from None
+
+
+def _dialer_ended(task: asyncio.Task, resource: str) -> None:
+    """A dial loop ends only when the node stops; anything else is a bug, logged."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s: the peer dialer failed; the node no longer dials its peer", resource,
+                  exc_info=task.exception())
 
 
 def _disk_size(path: Path) -> int:

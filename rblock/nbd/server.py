@@ -240,6 +240,7 @@ class Connection(asyncio.BufferedProtocol):
         self._disconnecting = False  # DISC received or server shutting down
         self._close_reason = ""
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Task | None = None  # STARTTLS in progress
         self.requests = 0
 
     # --- asyncio callbacks ----------------------------------------------------------------
@@ -306,9 +307,19 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(event, Close):
             self._close(event.reason)
         elif isinstance(event, StartTLS):
-            asyncio.get_running_loop().create_task(self._start_tls())
+            # Kept until done (a task nobody references may be collected mid-handshake),
+            # and a failure that is not a TLS error is logged, never lost.
+            self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+            self._tls_task.add_done_callback(self._tls_done)
         elif isinstance(event, Negotiated):
             self._enter_transmission(event)
+
+    def _tls_done(self, task: asyncio.Task) -> None:
+        self._tls_task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD connection from %s: TLS start failed", self.peer,
+                      exc_info=task.exception())
+            self.abort("TLS start failed")
 
     async def _start_tls(self) -> None:
         assert self.transport is not None and self.server.tls_context is not None
