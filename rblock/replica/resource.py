@@ -33,7 +33,7 @@ from rblock.replica.state import DISK_PERSISTED, PERSISTED_DISK, Conn, Disk, Gen
 from rblock.replica.wire import Frame, T
 from rblock.store.device import BlockDevice, Capabilities, DeviceError
 from rblock.store.faults import FaultyDevice
-from rblock.store.metadata import Metadata, MetadataError
+from rblock.store.metadata import ActivityLogFull, Metadata, MetadataError
 
 log = logging.getLogger("rblock.resource")
 
@@ -382,7 +382,9 @@ class Resource(BlockDevice):
             try:
                 try:
                     await run()
-                except OSError as e:  # ActivityLogFull and I/O errors go to the core
+                except (OSError, ActivityLogFull) as e:  # AL full, I/O errors: to the core
+                    # (ActivityLogFull is a MetadataError, not an OSError: once it went
+                    # nowhere, and the writes waiting for the activity log hung for good.)
                     exc: BaseException | None = e
                 else:
                     exc = None
