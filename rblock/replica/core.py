@@ -534,6 +534,14 @@ class ResourceCore:
         def after(_r: Any, exc: BaseException | None) -> None:
             self._al_busy = False
             if isinstance(exc, ActivityLogFull):
+                al = self.al
+                pins = al.al_pinned() if al is not None else {}
+                if al is not None and any(e not in pins and e not in wanted
+                                          for e in al.al_active()):
+                    # Unpinned while the update ran (a peer flush acknowledged, writes
+                    # done): nobody would call _al_unpinned again, retry now.
+                    self._al_retry()
+                    return
                 self._al_full = True
                 self._send_peer_flush()
             elif exc is not None:
