@@ -16,6 +16,9 @@ Everything that is I/O in the shell is simulated here, as the `Effects` of each 
   arrive late); reconnection by the node whose name sorts first, with backoff.
 - disk faults: a node's disk starts failing writes (EIO or ENOSPC), reads or flushes, and is
   repaired and attached again later.
+- the metadata worker: one operation at a time; with `late_meta_results` its result reaches
+  the core some time after it ran, as in the shell, where a thread runs it and the loop hears
+  later (the activity log can be found full, then an extent unpinned before the core knows).
 - the operator (an HA manager, minus fencing): promotes a node when there is no primary and
   the node cannot have missed a write (it was connected whenever one was acknowledged), and
   moves the guest there.
@@ -268,7 +271,7 @@ class SimNode:
         self.disk = SimDisk()
         self.file = SimFile(f"{name}.meta")
         Metadata.create_on(self.file, name, cfg.name, cfg.size_bytes,
-                           al_extents_max=AL_EXTENTS).close()
+                           al_extents_max=self.world.al_extents).close()
         self.alive = False
         self.core: ResourceCore | None = None
         self.meta: Metadata | None = None
@@ -285,7 +288,7 @@ class SimNode:
     def boot(self) -> None:
         self.boots += 1
         meta = Metadata.open_on(self.file, self.name, self.cfg.name, self.cfg.size_bytes,
-                                al_extents_max=AL_EXTENTS)
+                                al_extents_max=self.world.al_extents)
         sb = meta.sb
         crashed_primary = False
         if not sb.clean_shutdown:
@@ -414,7 +417,7 @@ class SimNode:
     def outdate_detached(self, token: int) -> None:
         def run() -> None:
             meta = Metadata.open_on(self.file, self.name, self.cfg.name, self.cfg.size_bytes,
-                                    al_extents_max=AL_EXTENTS)
+                                    al_extents_max=self.world.al_extents)
             meta.write_superblock(disk_state="outdated")
         self._meta(token, run)
 
@@ -430,20 +433,35 @@ class SimNode:
         self.meta_busy = True
         token, fn = self.meta_q.popleft()
 
-        def run() -> None:
+        def deliver(exc: BaseException | None) -> None:
             self.meta_busy = False
+            if token is not None:
+                assert self.core is not None
+                self.core.meta_done(token, exc)
+            self._meta_next()
+
+        def run() -> None:
             self.ops.pop(-id(t), None)
             if not self.alive:
+                self.meta_busy = False
                 return
             try:
                 fn()
                 exc = None
             except (OSError, ActivityLogFull) as e:
                 exc = e
-            if token is not None:
-                assert self.core is not None
-                self.core.meta_done(token, exc)
-            self._meta_next()
+            if not self.world.late_meta_results:
+                deliver(exc)
+                return
+
+            def late() -> None:
+                self.ops.pop(-id(t2), None)
+                if self.alive:
+                    deliver(exc)
+                else:
+                    self.meta_busy = False
+            t2 = self.world.clock.at(self.world.io_delay(), late)
+            self.ops[-id(t2)] = (t2, None)
         t = self.world.clock.at(self.world.io_delay(), run)
         self.ops[-id(t)] = (t, None)
 
@@ -497,7 +515,7 @@ class SimNode:
         self.disk.fail_writes, self.disk.fail_reads, self.disk.fail_flushes = 0, False, False
         self.file.fail = False
         meta = Metadata.open_on(self.file, self.name, self.cfg.name, self.cfg.size_bytes,
-                                al_extents_max=AL_EXTENTS)
+                                al_extents_max=self.world.al_extents)
         if not meta.sb.clean_shutdown:
             meta.recover_crash()
         meta.mark_open()
@@ -524,14 +542,23 @@ class GuestWrite:
 
 class World:
     def __init__(self, seed: int, *, protocol: str = "C", faults: bool = True,
-                 crashes: bool = True, disk_faults: bool = True, log_max: int = 3000) -> None:
+                 crashes: bool = True, disk_faults: bool = True, log_max: int = 3000,
+                 al_extents: int = AL_EXTENTS, guest_depth: int = 8,
+                 late_meta_results: bool = False) -> None:
         self.seed = seed
+        self.al_extents = al_extents
+        # More guest requests in flight than the AL has extents: writes queue for extents.
+        self.guest_depth = guest_depth
+        # A metadata operation runs, then its result reaches the core later, as in the shell
+        # (the worker thread runs it; the loop hears of it afterwards): what the core does in
+        # between (an extent unpinned) must not be lost when the result arrives.
+        self.late_meta_results = late_meta_results
         self.rng = random.Random(seed)
         self.clock = Clock()
         cfg = ResourceConfig(name="r0", size_bytes=DISK_BYTES, protocol=protocol,
                              secret="s", peer_timeout_s=PEER_TIMEOUT_S, ack_timeout_s=10.0,
                              resync_rate_bytes_per_s=64 << 20, nodes=NODES)
-        cfg = dataclasses.replace(cfg, al_extents=AL_EXTENTS)
+        cfg = dataclasses.replace(cfg, al_extents=al_extents)
         self.nodes = {n: SimNode(self, n, [m for m in NODES if m != n][0], cfg) for n in NODES}
         self.link: SimLink | None = None
         self.side_link: dict[str, SimLink] = {}  # the link each node last brought up
@@ -711,7 +738,7 @@ class World:
 
     def guest_write(self) -> None:
         p = self.primary()
-        if p is None or p.name != self.guest_node or self.inflight_ops >= 8:
+        if p is None or p.name != self.guest_node or self.inflight_ops >= self.guest_depth:
             return
         count = self.rng.choice((1, 1, 1, 2, 3))
         first = self.rng.choice(self._hot_blocks())
@@ -765,7 +792,7 @@ class World:
 
     def guest_flush(self) -> None:
         p = self.primary()
-        if p is None or p.name != self.guest_node or self.inflight_ops >= 8:
+        if p is None or p.name != self.guest_node or self.inflight_ops >= self.guest_depth:
             return
         before = [w for w in self.writes.values() if w.acked and w.node == p.name]
         op = self._op_begin(p.name, [])
@@ -783,7 +810,7 @@ class World:
 
     def guest_read(self) -> None:
         p = self.primary()
-        if p is None or p.name != self.guest_node or self.inflight_ops >= 8:
+        if p is None or p.name != self.guest_node or self.inflight_ops >= self.guest_depth:
             return
         b = self.rng.choice(self._hot_blocks())
         if b in self.busy:
