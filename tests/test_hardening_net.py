@@ -293,10 +293,11 @@ class _Owner:
         self.is_down.set()
 
 
-async def _silent_peer_scenario() -> tuple[float, float, str]:
+async def _silent_peer_scenario(pause_s: float = 0.0) -> tuple[float, float, str]:
     """Two links through an in-process relay; once both are up, the relay drops everything
     (a partition). Returns (when the acceptor dropped, when the relay last passed it bytes,
-    the reason)."""
+    the reason). PAUSE_S: first, the acceptor stops reading that long (its apply queue
+    full), the relay still passing everything; the link must stay up through it."""
     loop = asyncio.get_running_loop()
     a_sock, a_relay = socket.socketpair()
     b_sock, b_relay = socket.socketpair()
@@ -325,6 +326,13 @@ async def _silent_peer_scenario() -> tuple[float, float, str]:
         await loop.connect_accepted_socket(lambda: b, b_sock)
         await asyncio.wait_for(asyncio.gather(owner_a.is_up.wait(), owner_b.is_up.wait()), 5.0)
         await asyncio.sleep(2.2 * PING_INTERVAL_S)  # a couple of PINGs and PONGs
+        if pause_s:
+            a.pause()
+            await asyncio.sleep(pause_s)
+            assert not owner_a.is_down.is_set(), f"dropped while paused: {owner_a.reason}"
+            a.resume()
+            await asyncio.sleep(2.2 * PING_INTERVAL_S)
+            assert not owner_a.is_down.is_set(), f"dropped after resume: {owner_a.reason}"
         state["cut"] = True
         await asyncio.wait_for(owner_a.is_down.wait(), PEER_TIMEOUT_S + 3 * PING_INTERVAL_S)
         return owner_a.down_at, state["last_to_a"], owner_a.reason
@@ -355,6 +363,15 @@ def test_silent_peer_is_dropped_at_the_timeout_not_on_the_ping_grid():
     assert silent_s >= PEER_TIMEOUT_S, f"dropped after {silent_s:.3f}s of silence"
     assert silent_s < PEER_TIMEOUT_S + PING_INTERVAL_S / 2, (
         f"dropped after {silent_s:.3f}s of silence, peer_timeout_s is {PEER_TIMEOUT_S}")
+
+
+def test_a_node_that_stops_reading_does_not_call_its_peer_silent():
+    """Reading paused for twice peer_timeout_s (backpressure from a slow disk): the peer's
+    frames wait in the socket, the link stays up, and once reading resumes, a real silence is
+    still caught at the timeout."""
+    down_at, last_rx_at, reason = _run(_silent_peer_scenario(pause_s=2 * PEER_TIMEOUT_S))
+    assert reason.startswith("peer silent"), reason
+    assert down_at - last_rx_at >= PEER_TIMEOUT_S
 
 
 # --- NBD port ------------------------------------------------------------------------------------

@@ -406,6 +406,12 @@ class PeerLink(asyncio.BufferedProtocol):
         cost of about one timer per peer_timeout_s."""
         if self.phase is not Phase.UP:
             return
+        if not self._reading:
+            # This node stopped reading (its apply queue is full): the peer's frames wait in
+            # the socket, which says nothing about the peer. resume() restarts the count.
+            self._silence_timer = asyncio.get_running_loop().call_later(
+                self.peer_timeout_s, self._silence_check)
+            return
         silent_s = time.monotonic() - self._last_rx
         if silent_s < self.peer_timeout_s:
             self._silence_timer = asyncio.get_running_loop().call_later(
@@ -487,6 +493,7 @@ class PeerLink(asyncio.BufferedProtocol):
     def resume(self) -> None:
         if not self._reading and self.transport is not None:
             self._reading = True
+            self._last_rx = time.monotonic()  # the time paused was not the peer's silence
             self.transport.resume_reading()
             self._process()
 
