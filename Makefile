@@ -15,7 +15,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3 python3-venv python3-dev gcc openssl \
 	qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio \
 	busybox-static linux-image-amd64 cpio xz-utils iproute2 nftables procps \
-	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config util-linux mount
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config util-linux mount \
+	etcd-server etcd-client
 
 .PHONY: deps venv test demo bench lint clean
 
