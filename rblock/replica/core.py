@@ -68,6 +68,7 @@ from typing import Any
 from rblock.config import ResourceConfig
 from rblock.replica.core_apply import Apply
 from rblock.replica.core_commands import Commands
+from rblock.replica.core_fence import Fence
 from rblock.replica.core_common import (
     _NO_DISK,
     _PRIMARY,
@@ -86,6 +87,7 @@ from rblock.replica.core_guest import GuestIO
 from rblock.replica.core_handshake import LinkHandshake
 from rblock.replica.core_sweep import Sweeps
 from rblock.replica.effects import Effects, Event
+from rblock.replica.fencing import Fencing
 from rblock.replica.resync import RateLimiter
 from rblock.replica.state import (
     DISK_PERSISTED,
@@ -104,7 +106,7 @@ from rblock.replica.writes import ApplyQueue, WriteTracker
 from rblock.store.metadata import BLOCK_BYTES, Bitmap
 
 
-class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands):
+class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands, Fence):
     """One resource on one node (see the theory of operation above). The mixins hold the
     handlers by subject (core_guest, core_handshake, core_sweep, core_apply,
     core_commands); this class holds the state, the small helpers and the frame dispatch."""
@@ -112,7 +114,7 @@ class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands):
     def __init__(self, node: str, cfg: ResourceConfig, peer_node: str, fx: Effects,
                  clock: Callable[[], float], gen: Generation, disk: Disk,
                  crashed_primary: bool, bitmap: Bitmap, al: ActivityLogView,
-                 uuids: Callable[[], int] = new_uuid):
+                 uuids: Callable[[], int] = new_uuid, fence: Fencing | None = None):
         self.node = node
         self.cfg = cfg
         self.name = cfg.name
@@ -184,6 +186,14 @@ class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands):
         self._protocol_b = cfg.protocol == "B"
         self._fast = False  # start_write's fast path may run (kept by _refresh)
         self._fast_apply = False  # the secondary's DATA fast path may run
+        # Fencing (core_fence.py; None: fencing = "none"): the rules' state, single-copy
+        # writes waiting for them, and the command waiting for a transaction.
+        self.fence = fence
+        self._fence_held: list[GuestWrite] = []
+        self._fence_waiters: list[Callable[[bool, str], None]] = []
+        self._fence_promote: Callable[[bool, str], None] | None = None
+        self._fence_demote: Callable[[str], None] | None = None
+        self._peer_write_failed = False  # the peer failed to apply a write on this link
 
     # --- small helpers ---------------------------------------------------------------------
 
@@ -241,6 +251,8 @@ class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands):
                       and self.peer_disk not in _NO_DISK and self._invalidating is None)
         self._fast_apply = (self.has_disk and self.peer_disk not in _NO_DISK
                             and self.role is not _PRIMARY)
+        if self.fence is not None:
+            self._fence_facts()
 
     def _persist(self, then: Callable[[], None] | None = None, **extra: Any) -> None:
         """Write the superblock with the current generation and disk state."""

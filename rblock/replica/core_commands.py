@@ -19,6 +19,7 @@ from rblock.replica.core_common import (
     Phase,
     log,
 )
+from rblock.replica.fencing import Ev
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.state import (
     DISK_PERSISTED,
@@ -204,6 +205,10 @@ class Commands:
                 self.fx.set_timer("peer-flush", PEER_FLUSH_INTERVAL_S)
         elif name == "ack-watch":
             self._ack_watch()
+        elif name == "fence-retry" and self.fence is not None:
+            self._fence_apply(self.fence.step(Ev.RETRY))
+        elif name == "fence-gate":
+            self._fence_gate()
 
     def _ack_watch(self) -> None:
         """A peer that answers pings but leaves a write, flush, read or resync request
@@ -227,7 +232,11 @@ class Commands:
 
     # --- commands --------------------------------------------------------------------------------
 
-    def promote(self, force: bool, done: Callable[[str, BaseException | None], None]) -> None:
+    def promote(self, force: bool, done: Callable[[str, BaseException | None], None],
+                ignore_fencing: bool = False) -> None:
+        """Become Primary. With fencing, the primary key is taken in etcd first (rule
+        one-writer); --force overrides the disk checks, never fencing (IGNORE_FENCING
+        does, for the disaster case of an etcd lost for good)."""
         chk = check_promote(self.role, self.disk, self.gen, self.conn, self.repl,
                             self.peer_role, self.peer_disk, self.peer_node, force,
                             self.bitmap.count() * BLOCK_BYTES if self.bitmap is not None else 0)
@@ -238,6 +247,35 @@ class Commands:
         if self.role is _PRIMARY and not (force and self.disk is Disk.OUTDATED):
             done("already Primary", None)
             return
+        if self.fence is not None:
+            self._promoting = True
+
+            def taken(ok: bool, why: str) -> None:
+                self._promoting = False
+                if not ok:
+                    done("", ResourceError(f"cannot promote {self.name} on {self.node}: "
+                                           f"{why}"))
+                    return
+                try:
+                    self._promote_now(force, done)
+                except ResourceError as e:
+                    # Things changed while etcd answered: give the key back.
+                    self._fence_release(lambda _note: done("", e))
+            try:
+                self._fence_take(ignore_fencing, taken)
+            except ResourceError:
+                self._promoting = False
+                raise
+            return
+        self._promote_now(force, done)
+
+    def _promote_now(self, force: bool,
+                     done: Callable[[str, BaseException | None], None]) -> None:
+        chk = check_promote(self.role, self.disk, self.gen, self.conn, self.repl,
+                            self.peer_role, self.peer_disk, self.peer_node, force,
+                            self.bitmap.count() * BLOCK_BYTES if self.bitmap is not None else 0)
+        if not chk.ok:
+            raise ResourceError(f"cannot promote {self.name} on {self.node}: {chk.reason}")
         connected = self.link_is_up and self.phase in DECIDED
         if chk.forced_fresh:
             self.gen = Generation(self._new_uuid())  # nothing to track: all of it is new
@@ -289,12 +327,13 @@ class Commands:
             # Every write answered as Primary is durable on both nodes first.
             self._set("role", Role.SECONDARY)
             self._detached = None  # the peer may write without the detached disk from now
+            self._fence_gate()  # writes held for fencing fail: this node is not Primary
 
-            def persisted() -> None:
+            def released(note: str) -> None:
                 if self.link_is_up and self.phase in DECIDED:
                     self.fx.send_json(T.STATE, self._local_side().to_json())
-                done("demoted", None)
-            self._persist(persisted, role_primary=False)
+                done(f"demoted; {note}" if note else "demoted", None)
+            self._persist(lambda: self._fence_release(released), role_primary=False)
         self.start_flush(flushed, None)
 
     def disconnect(self) -> str:
@@ -455,6 +494,7 @@ class Commands:
                            "bitmap": f"{self.gen.bitmap:016X}",
                            "history": [f"{h:016X}" for h in self.gen.history]},
             "peers": [peer],
+            "fencing": self.fence_status() or {"mode": "none"},
         }
 
 

@@ -230,6 +230,8 @@ class GuestIO:
                                     f"{self.disk.value} and {self.peer_node}, which has the "
                                     f"good data, is not connected")
                 return
+            if self.fence is not None and self._fence_holds(w):
+                return  # rule no-ack-lost: the peer is not recorded Outdated yet
             w.peer = _NONE
             if self._diverge_pending or self._diverging:
                 self._diverge(lambda: self._route(w))
@@ -515,7 +517,15 @@ class GuestIO:
         self._mark(w.offset, w.length)  # the peer could not apply it
         log.warning("%s: %s failed to apply a write at %d (errno %d); marked out of sync",
                     self.name, self.peer_node, w.offset, f.aux)
-        _complete(w, False)
+        if self.fence is not None:
+            # Rule no-ack-lost: on this copy alone now, so the peer is recorded Outdated
+            # first (its disk is failing: it detaches and says so soon).
+            self._peer_write_failed = True
+            self._refresh()
+            self._fence_wait(lambda ok, why: _complete(w, False) if ok
+                             else self._fail_lost([w], why))
+        else:
+            _complete(w, False)
         if self._invalidating is not None:
             self._invalidating()
 

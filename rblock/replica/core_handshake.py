@@ -45,6 +45,7 @@ class LinkHandshake:
         bitmap; each decides on receiving the other's BITMAP|LAST."""
         self._link_gen += 1
         self.link_is_up = True
+        self._peer_write_failed = False  # judged afresh by the handshake
         self._set("connection", Conn.CONNECTED)
         self.refusal = ""
         self.peer_side = None
@@ -112,9 +113,15 @@ class LinkHandshake:
             done(token, None, DeviceError(errno.EIO, f"{self.name}: {self.peer_node} lost "
                                                      f"while reading at {offset}: {reason}"))
         if lost:
-            # These complete without the peer: the data moves on without it, so the new
-            # generation is durable first (rule new-generation).
-            self._diverge(lambda: _complete_all(lost))
+            # These complete without the peer: the data moves on without it, so the peer is
+            # recorded Outdated first (rule no-ack-lost, with fencing) and the new
+            # generation is durable (rule new-generation).
+            def go(ok: bool, why: str) -> None:
+                if ok:
+                    self._diverge(lambda: _complete_all(lost))
+                else:
+                    self._fail_lost(lost, why)
+            self._fence_wait(go)
         self.link_drained()
         if self._invalidating is not None:
             self._invalidating()

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from rblock.replica.fencing import Txn
 from rblock.replica.wire import T
 
 
@@ -118,6 +119,12 @@ class Effects(Protocol):
         """Call `core.timer(name)` after DELAY_S; replaces a pending timer of that name."""
 
     def cancel_timer(self, name: str) -> None: ...
+
+    # --- fencing ------------------------------------------------------------------------------
+    def fence(self, token: int, kind: Txn) -> None:
+        """Run fencing transaction KIND in etcd under this node's lease (fence_txn.build);
+        its Answer (fence_txn.interpret; UNREACHABLE when no member with a quorum answers
+        or there is no lease) comes back as `core.disk_done(token, answer, None)`."""
 
     # --- the world ---------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
