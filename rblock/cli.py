@@ -103,8 +103,14 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("resource", metavar="RES")
         if action in ("primary", "secondary"):
             p.add_argument("--force", action="store_true",
-                           help="primary: first promotion of fresh data; secondary: cut off "
-                                "NBD clients")
+                           help="primary: first promotion of fresh data, or of a disk that "
+                                "is not UpToDate (never bypasses fencing); secondary: cut "
+                                "off NBD clients")
+        if action == "primary":
+            p.add_argument("--ignore-fencing", action="store_true",
+                           help="DANGER: promote without the primary key in etcd, for the "
+                                "disaster case of an etcd lost for good; nothing then stops "
+                                "a second Primary")
         if action == "connect":
             p.add_argument("--discard-my-data", action="store_true",
                            help="after a split brain: this node's changes are thrown away")
@@ -185,6 +191,27 @@ def format_status(st: dict) -> str:
                          f"{r['name']}' after replacing it (create-md)")
         if r.get("disk_faults"):
             lines.append(f"  fault injection on: the disk fails {', '.join(r['disk_faults'])}")
+        fen = r.get("fencing") or {"mode": "none"}
+        if fen["mode"] == "etcd":
+            quorum = {True: "yes", False: "NO", None: "?"}[fen["quorum"]]
+            line = (f"  fencing:etcd quorum:{quorum} lease:{'yes' if fen['lease'] else 'NO'} "
+                    f"primary-key:{fen['primary_key']}")
+            if fen.get("holder"):
+                line += f" holder:{fen['holder']}"
+            if fen.get("lease_until"):
+                line += f" until:{fen['lease_until']}"
+            lines.append(line)
+            if fen.get("io_suspended"):
+                lines.append(f"    I/O SUSPENDED for {fen['io_suspended_for_s']:.1f}s: "
+                             f"{fen['io_suspended_why']} ({fen['held_writes']} writes held)")
+            if fen.get("peer_outdated"):
+                lines.append(f"    recorded Outdated in etcd: {', '.join(fen['peer_outdated'])}")
+            if fen.get("self_outdated"):
+                lines.append("    this node is recorded Outdated in etcd: it may not be "
+                             "promoted until a resync from the primary")
+        else:
+            lines.append("  fencing:none (a partition can let both nodes write: see the "
+                         "README, Fencing)")
         for p in r["peers"]:
             lines.append(f"  {p['node']} connection:{p['connection']} role:{p['role']} "
                          f"replication:{p['replication']} peer-disk:{p['disk']}")
@@ -248,6 +275,8 @@ def _cmd_action(args: argparse.Namespace) -> int:
         body["force"] = True
     if getattr(args, "discard_my_data", False):
         body["discard_my_data"] = True
+    if getattr(args, "ignore_fencing", False):
+        body["ignore_fencing"] = True
     try:
         msg = asyncio.run(_client(args).action(args.resource, args.action, **body))
     except ControlError as e:

@@ -56,13 +56,22 @@ AL_EXTENTS_MAX = 2042  # what one activity-log slot holds
 RESYNC_RATE_DEFAULT = "200M"
 META_SUFFIX = ".meta"
 
-TOP_LEVEL_KEYS = ("resource", "node", "guest", "hvctl")
+TOP_LEVEL_KEYS = ("cluster", "resource", "node", "guest", "hvctl")
+CLUSTER_KEYS = ("etcd", "etcd_prefix", "etcd_ca", "etcd_cert", "etcd_key", "lease_ttl_s")
+ETCD_PREFIX_DEFAULT = "/rblock"
+# The nodes' etcd lease: a dead Primary's key goes after this (plus an etcd election at
+# worst); a live node renews it every third of it. etcd's own minimum is 1.5 x its election
+# timeout (1.5 s with the defaults).
+LEASE_TTL_S_DEFAULT = 5
+FENCING_MODES = ("etcd", "none")
+ON_NO_QUORUM = ("suspend-io", "io-error")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")  # per node: all three or none
 TLS_EXAMPLES = {"tls_cert": "pki/{node}-cert.pem", "tls_key": "pki/{node}-key.pem",
                 "tls_ca": "pki/ca-cert.pem"}
 RESOURCE_KEYS = (
     "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
     "connect_retry_max_s", "resync_rate", "tls", "ack_timeout_s", "al_extents",
+    "fencing", "on_no_quorum",
 )
 NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS)
 ADDRESS_KEYS = ("replication", "control", "nbd")
@@ -130,6 +139,20 @@ class ResourceConfig:
     tls: bool = False  # the peer link runs in TLS, both certificates checked against the CA
     ack_timeout_s: float = ACK_TIMEOUT_S_DEFAULT
     al_extents: int = AL_EXTENTS_DEFAULT  # activity-log extents hot at once (DRBD al-extents)
+    fencing: str = "none"  # "etcd": the rules of rblock/replica/fencing.py; "none": DRBD's dont-care
+    on_no_quorum: str = "suspend-io"  # single-copy writes wait ("io-error": fail) without etcd
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """The [cluster] table: the etcd cluster that arbitrates (fencing, and hvctl's HA)."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = ETCD_PREFIX_DEFAULT
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    lease_ttl_s: int = LEASE_TTL_S_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,7 @@ class ClusterConfig:
     nodes: dict[str, NodeConfig]
     guests: dict[str, dict]
     hvctl: dict = field(default_factory=dict)  # the raw [hvctl] table
+    etcd: EtcdConfig | None = None  # [cluster] etcd = [...]; None: no arbiter
 
     def node(self, name: str) -> NodeConfig:
         try:
@@ -197,12 +221,15 @@ class _Loader:
         for key in data:
             if key not in TOP_LEVEL_KEYS:
                 raise self.fail(key, f"unknown top-level {_kind(data[key])}" + _valid_keys(
-                    key, TOP_LEVEL_KEYS, "tables", "[resource.NAME], [node.NAME], [guest.NAME], [hvctl]"))
+                    key, TOP_LEVEL_KEYS, "tables",
+                    "[cluster], [resource.NAME], [node.NAME], [guest.NAME], [hvctl]"))
+        etcd = self.cluster(data.get("cluster", {}))
         resource_tables = self.group(data, "resource")
         node_tables = self.group(data, "node")
         guest_tables = self.group(data, "guest")
 
-        partial = {name: self.resource_fields(name, t) for name, t in resource_tables.items()}
+        partial = {name: self.resource_fields(name, t, etcd is not None)
+                   for name, t in resource_tables.items()}
         nodes = {name: self.node(name, t) for name, t in node_tables.items()}
         self.check_disks(partial, nodes)
         self.check_addresses(nodes)
@@ -220,7 +247,52 @@ class _Loader:
         if not isinstance(hvctl, dict):
             raise self.fail("hvctl", f"must be a table, not {_a(_kind(hvctl))}; write it as an "
                             "[hvctl] header with keys below it")
-        return ClusterConfig(self.path, resources, nodes, guests, dict(hvctl))
+        return ClusterConfig(self.path, resources, nodes, guests, dict(hvctl), etcd)
+
+    # -- [cluster] ---------------------------------------------------------------------------
+
+    def cluster(self, t: Any) -> EtcdConfig | None:
+        if not isinstance(t, dict):
+            raise self.fail("cluster", f"must be a table, not {_a(_kind(t))}; write it as a "
+                            "[cluster] header with keys below it")
+        self.check_keys("cluster", t, CLUSTER_KEYS)
+        if "etcd" not in t:
+            for k in CLUSTER_KEYS:
+                if k in t:
+                    raise self.fail(f"cluster.{k}", 'set without cluster.etcd; add etcd = '
+                                    '["http://HOST:2379", ...] (every member) or remove it')
+            return None
+        eps = t["etcd"]
+        if isinstance(eps, str):
+            eps = [eps]
+        if (not isinstance(eps, list) or not eps
+                or not all(isinstance(e, str) and re.match(r"^https?://[^/\s]+/?$", e)
+                           for e in eps)):
+            raise self.fail("cluster.etcd", f"{_show(t['etcd'])} is not a list of etcd client "
+                            'URLs; set etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", '
+                            '"http://10.0.0.3:2379"] (every member of the etcd cluster)')
+        prefix = t.get("etcd_prefix", ETCD_PREFIX_DEFAULT)
+        if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.strip() != prefix:
+            raise self.fail("cluster.etcd_prefix", f"{_show(prefix)} is not a key prefix "
+                            f'starting with "/"; set etcd_prefix = "{ETCD_PREFIX_DEFAULT}"')
+        files: dict[str, Path | None] = {}
+        for k in ("etcd_ca", "etcd_cert", "etcd_key"):
+            v = t.get(k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise self.fail(f"cluster.{k}", f"{_show(v)} is not a file path; set {k} = "
+                                f'"pki/etcd-{k[5:]}.pem" or remove it')
+            files[k] = self.resolve(v) if v else None
+        if (files["etcd_cert"] is None) != (files["etcd_key"] is None):
+            missing = "etcd_key" if files["etcd_key"] is None else "etcd_cert"
+            raise self.fail(f"cluster.{missing}", "missing; a client certificate needs both "
+                            "etcd_cert and etcd_key (or neither)")
+        ttl = t.get("lease_ttl_s", LEASE_TTL_S_DEFAULT)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 2 <= ttl <= 600:
+            raise self.fail("cluster.lease_ttl_s", f"{_show(ttl)} is not a whole number of "
+                            f"seconds from 2 to 600 (etcd leases are whole seconds); set "
+                            f"lease_ttl_s = {LEASE_TTL_S_DEFAULT}")
+        return EtcdConfig(tuple(e.rstrip("/") for e in eps), prefix.rstrip("/") or "/",
+                          files["etcd_ca"], files["etcd_cert"], files["etcd_key"], ttl)
 
     def read(self) -> dict[str, Any]:
         try:
@@ -267,7 +339,7 @@ class _Loader:
 
     # -- [resource.NAME] ---------------------------------------------------------------------
 
-    def resource_fields(self, name: str, t: dict[str, Any]) -> dict[str, Any]:
+    def resource_fields(self, name: str, t: dict[str, Any], has_etcd: bool) -> dict[str, Any]:
         key = f"resource.{name}"
         self.check_keys(key, t, RESOURCE_KEYS)
         if "size" not in t:
@@ -318,9 +390,23 @@ class _Loader:
             raise self.fail(f"{key}.al_extents", f"{_show(al)} is not a whole number from "
                             f"{AL_EXTENTS_MIN} to {AL_EXTENTS_MAX} (4 MiB extents kept hot "
                             f"in the activity log); set al_extents = {AL_EXTENTS_DEFAULT}")
+        fencing = t.get("fencing", "etcd" if has_etcd else "none")
+        if fencing not in FENCING_MODES:
+            raise self.fail(f"{key}.fencing", f"{_show(fencing)} is not one of "
+                            f'{", ".join(FENCING_MODES)}; set fencing = "etcd" (needs '
+                            f'[cluster] etcd) or "none"')
+        if fencing == "etcd" and not has_etcd:
+            raise self.fail(f"{key}.fencing", '"etcd" needs the etcd cluster: add [cluster] '
+                            'etcd = ["http://HOST:2379", ...], or set fencing = "none"')
+        noq = t.get("on_no_quorum", "suspend-io")
+        if noq not in ON_NO_QUORUM:
+            raise self.fail(f"{key}.on_no_quorum", f"{_show(noq)} is not one of "
+                            f'{", ".join(ON_NO_QUORUM)}; set on_no_quorum = "suspend-io" '
+                            f"(writes wait for etcd) or \"io-error\" (they fail)")
         return dict(size_bytes=size_bytes, protocol=protocol.upper(), secret=secret,
                     ping_interval_s=ping, peer_timeout_s=timeout, connect_retry_max_s=retry,
-                    resync_rate_bytes_per_s=rate, tls=tls, ack_timeout_s=ack, al_extents=al)
+                    resync_rate_bytes_per_s=rate, tls=tls, ack_timeout_s=ack, al_extents=al,
+                    fencing=fencing, on_no_quorum=noq)
 
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

@@ -19,7 +19,6 @@ them, so an answer is never stale.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ssl
 from dataclasses import dataclass
@@ -152,7 +151,7 @@ class Etcd:
                         url, json=body,
                         timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
                     data = await resp.json(content_type=None)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
                 last = e
                 continue
             if not isinstance(data, dict):

@@ -18,10 +18,12 @@ import logging
 import os
 import signal
 import ssl
+import time
 from pathlib import Path
 
 from rblock.config import ClusterConfig, NodeConfig, ResourceConfig
 from rblock.control_server import EventBus, start_control
+from rblock.fencer import Fencer
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
@@ -88,6 +90,7 @@ class Node:
         self.tls: PeerTLS | None = None  # set when one of this node's resources has tls = true
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self.fencer: Fencer | None = None  # the etcd lease and transactions (fencing = "etcd")
 
     # --- wiring -----------------------------------------------------------------------------
 
@@ -111,14 +114,36 @@ class Node:
                                 f"{res.name}' first")
             volume, meta = self._open_disk(res, disk, meta_path)
             peer = self.cfg.peers(res.name, self.name)[0]
+            if res.fencing == "none":
+                log.warning("%s: fencing = \"none\": if the link breaks while both nodes "
+                            "live, both can be promoted and write; acknowledged writes can be "
+                            "lost at failover (README, Fencing)", res.name)
             r = Resource(self.name, res, peer.name, volume, meta, self._emit,
+                         fencer=self.fencer.run if self.fencer is not None else None,
                          open_disk=lambda res=res, disk=disk, mp=meta_path:
                          self._reopen_disk(res, disk, mp),
                          open_meta=lambda res=res, mp=meta_path: Metadata.open(
                              str(mp), self.name, res.name, res.size_bytes,
                              al_extents_max=res.al_extents))
             r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
+            if self.fencer is not None:
+                r.lease_info = self._lease_info
             self.resources[res.name] = r
+
+    def _on_lease(self, valid: bool) -> None:
+        for r in self.resources.values():
+            if r.core.fence is not None:
+                r.core.lease_changed(valid)
+
+    def _lease_info(self) -> dict:
+        f = self.fencer
+        assert f is not None
+        left = f.deadline - asyncio.get_running_loop().time()
+        return {"lease_id": f"{f.lease:x}" if f.lease else None,
+                "lease_until": (time.strftime("%H:%M:%S", time.localtime(time.time() + left))
+                                if f.lease_valid() else None),
+                "lease_left_s": round(left, 1) if f.lease_valid() else None,
+                "etcd_error": f.last_error or None}
 
     def _open_disk(self, res: ResourceConfig, disk: Path, meta_path: Path
                    ) -> tuple[FileVolume, Metadata]:
@@ -264,6 +289,9 @@ class Node:
 
     async def run(self) -> int:
         self.tls = self._load_tls()
+        if self.cfg.etcd is not None and any(r.fencing == "etcd"
+                                             for r in self.cfg.resources_of(self.name)):
+            self.fencer = Fencer(self.cfg.etcd, self.name, self._on_lease)
         self._open_resources()
         try:
             for r in self.resources.values():
@@ -286,6 +314,8 @@ class Node:
             except OSError as e:
                 raise NodeError(f"cannot listen for peers on {repl}: {e.strerror}") from None
             control = await start_control(self)
+            if self.fencer is not None:
+                await self.fencer.start()
             for r in self.resources.values():
                 if self.name < r.peer_node:
                     task = loop.create_task(self._dial_loop(r))
@@ -316,6 +346,8 @@ class Node:
         finally:
             for r in self.resources.values():
                 await r.close()
+            if self.fencer is not None:
+                await self.fencer.close()  # after: no resource is Primary any more
         log.info("node %s stopped cleanly", self.name)
         return 0
 

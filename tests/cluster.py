@@ -60,7 +60,8 @@ class Cluster:
     def __init__(self, workdir: Path, size: str = "64M", protocol: str = "C",
                  secret: str = "test-secret", extra_resource: str = "",
                  secrets: dict[str, str] | None = None,
-                 tls: dict[str, TLSFiles | None] | None = None):
+                 tls: dict[str, TLSFiles | None] | None = None,
+                 prelude: dict[str, str] | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(6)
@@ -71,8 +72,10 @@ class Cluster:
         self.configs: dict[str, Path] = {}
         for node in NODES:
             # One file per node so a test can give a node a different secret; otherwise equal.
-            text = self._config_text(size, protocol, (secrets or {}).get(node, secret),
-                                     extra_resource, tls or {}, node)
+            # PRELUDE: text before the tables, per node (a [cluster] table: its etcd view).
+            text = (prelude or {}).get(node, "") + self._config_text(
+                size, protocol, (secrets or {}).get(node, secret), extra_resource, tls or {},
+                node)
             path = self.dir / f"cluster-{node}.toml"
             path.write_text(text)
             self.configs[node] = path
@@ -131,8 +134,10 @@ class Cluster:
         err = self.dir / f"{node}-{n}.log"
         self.logs[node].append(err)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rblock", "up", "--config", str(self.configs[node]),
-             "--node", node], stdout=out.open("wb"), stderr=err.open("wb"), cwd=REPO)
+            # -X faulthandler: a node stuck at start is made to show where (SIGABRT below).
+            [sys.executable, "-X", "faulthandler", "-m", "rblock", "up", "--config",
+             str(self.configs[node]), "--node", node], stdout=out.open("wb"),
+            stderr=err.open("wb"), cwd=REPO)
         self.procs[node] = proc
         deadline = time.monotonic() + UP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -142,7 +147,13 @@ class Cluster:
                 raise AssertionError(f"rblock up {node} exited {proc.returncode}: "
                                      f"{err.read_text()}")
             time.sleep(0.02)
-        raise AssertionError(f"rblock up {node} not ready: {err.read_text()}")
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise AssertionError(f"rblock up {node} not ready after {UP_TIMEOUT_S:g}s (its stacks "
+                             f"at SIGABRT below): {err.read_text()}")
 
     def log(self, node: str) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs[node])

@@ -42,6 +42,7 @@ Invariants, checked as the run goes (an AssertionError names the seed's event lo
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import heapq
@@ -54,8 +55,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rblock.config import ResourceConfig
+from rblock.etcd import KV, TxnResult
+from rblock.replica import fence_txn
 from rblock.replica.core import DECIDED, ResourceCore
 from rblock.replica.effects import Event
+from rblock.replica.fencing import Answer, Ev, Fencing, Key, Txn
 from rblock.replica.state import PERSISTED_DISK, Conn, Disk, Generation, Role
 from rblock.replica.wire import Frame, T
 from rblock.store.metadata import AL_EXTENT_BYTES, BITMAP_OFFSET, ActivityLogFull, Metadata
@@ -68,6 +72,9 @@ NBLOCKS = DISK_BYTES // BLOCK
 AL_EXTENTS = 3  # fewer than the disk has, so extents are evicted
 HOT_BLOCKS = 48  # the guest writes to few blocks, spread over every extent
 PEER_TIMEOUT_S = 2.0
+LEASE_TTL_S = 2.0  # fencing: the nodes' etcd leases
+ETCD_TIMEOUT_S = 0.3  # a request to an unreachable etcd fails after this long
+KEYS = fence_txn.Keys("/rblock", "r0")
 NODES = ("alpha", "beta")
 ZERO = bytes(BLOCK)
 WID = struct.Struct(">Q")
@@ -260,6 +267,97 @@ class SimLink:
     held: list[tuple[str, Frame]] = field(default_factory=list)
 
 
+
+class SimEtcd:
+    """etcd as fencing sees it: keys, leases that expire, and whether a node reaches a
+    member with a quorum. Transactions are the real ones (fence_txn.build), run here on a
+    dict with etcd's compare semantics, their answers read by fence_txn.interpret."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.kv: dict[str, tuple[str, int, int]] = {}  # key -> (value, lease, version)
+        self.leases: dict[int, float] = {}  # lease -> expiry (etcd's clock: the world's)
+        self.next_lease = 0x1000
+        self.cut: set[str] = set()  # nodes that reach no member with a quorum
+        self.quorum = True
+
+    def reachable(self, node: str) -> bool:
+        return self.quorum and node not in self.cut
+
+    def expire(self) -> None:
+        now = self.world.clock.now
+        for lid, exp in list(self.leases.items()):
+            if exp <= now:
+                del self.leases[lid]
+                for k, (_v, lease, _ver) in list(self.kv.items()):
+                    if lease == lid:
+                        self.world.log(f"etcd: lease {lid:x} expired, {k} deleted")
+                        del self.kv[k]
+
+    def grant(self) -> int:
+        self.expire()
+        self.next_lease += 1
+        self.leases[self.next_lease] = self.world.clock.now + LEASE_TTL_S
+        return self.next_lease
+
+    def keepalive(self, lid: int) -> bool:
+        self.expire()
+        if lid not in self.leases:
+            return False
+        self.leases[lid] = self.world.clock.now + LEASE_TTL_S
+        return True
+
+    def _cmp(self, c: dict) -> bool:
+        key = base64.b64decode(c["key"]).decode()
+        got = self.kv.get(key)
+        if c["target"] == "VERSION":
+            return (got[2] if got else 0) == int(c["version"])
+        if c["target"] == "VALUE":
+            return got is not None and got[0] == base64.b64decode(c["value"]).decode()
+        assert c["target"] == "LEASE"
+        return (got[1] if got else 0) == int(c["lease"])
+
+    def _op(self, op: dict) -> list[KV] | None:
+        if "request_put" in op:
+            r = op["request_put"]
+            key = base64.b64decode(r["key"]).decode()
+            lease = int(r.get("lease", 0))
+            assert not lease or lease in self.leases, "put with a lease etcd does not know"
+            ver = self.kv[key][2] + 1 if key in self.kv else 1
+            self.kv[key] = (base64.b64decode(r["value"]).decode(), lease, ver)
+            return None
+        if "request_delete_range" in op:
+            key = base64.b64decode(op["request_delete_range"]["key"]).decode()
+            if key.startswith(KEYS.outdated_dir) and key in self.kv:
+                # Invariant outdated: a record is deleted only once its node holds every
+                # acknowledged write (outdated-cleared-by-resync).
+                self.world.check_holds_all(key[len(KEYS.outdated_dir):], "outdated record cleared")
+            self.kv.pop(key, None)
+            return None
+        r = op["request_range"]
+        key = base64.b64decode(r["key"]).decode()
+        if "range_end" in r:
+            end = base64.b64decode(r["range_end"]).decode()
+            keys = sorted(k for k in self.kv if key <= k < end)
+        else:
+            keys = [key] if key in self.kv else []
+        return [KV(k, self.kv[k][0], self.kv[k][1], self.kv[k][2], 0) for k in keys]
+
+    def txn(self, compare: list[dict], success: list[dict], failure: list[dict]) -> TxnResult:
+        self.expire()
+        ok = all(self._cmp(c) for c in compare)
+        ranges = [r for op in (success if ok else failure) if (r := self._op(op)) is not None]
+        return TxnResult(ok, ranges)
+
+    def holds(self, node: str, lease: int) -> bool:
+        self.expire()
+        got = self.kv.get(KEYS.primary)
+        return got is not None and got[0] == node and got[1] == lease
+
+    def outdated(self, node: str) -> bool:
+        self.expire()
+        return KEYS.outdated(node) in self.kv
+
 class SimNode:
     """One node: its core, its disk and metadata, and the Effects they need."""
 
@@ -282,6 +380,8 @@ class SimNode:
         self.timers: dict[str, Timer] = {}
         self.paused = False
         self.boots = 0
+        self.lease = 0  # fencing: this node's etcd lease (0: none)
+        self.lease_deadline = 0.0
 
     # --- life --------------------------------------------------------------------------------
 
@@ -303,8 +403,75 @@ class SimNode:
             self.name, self.cfg, self.peer, self, lambda: self.world.clock.now,
             Generation(sb.uuid_current, sb.uuid_bitmap, tuple(sb.uuid_history)),
             PERSISTED_DISK[sb.disk_state], crashed_primary, meta.bitmap, meta,
-            uuids=lambda: (self.world.rng.getrandbits(64) & ~1) | 0x10000)
+            uuids=lambda: (self.world.rng.getrandbits(64) & ~1) | 0x10000,
+            fence=(Fencing(self.cfg.name, self.name, self.peer, self.world.on_no_quorum,
+                           lambda: self.world.clock.now) if self.world.fencing else None))
         self.world.log(f"{self.name} boots ({sb.disk_state}, gen {sb.uuid_current:x})")
+        self.lease, self.lease_deadline = 0, 0.0
+        if self.world.fencing:
+            self.lease_tick()
+
+    # --- fencing: the lease and the transactions ---------------------------------------------
+
+    def lease_tick(self) -> None:
+        """Keep the lease alive (a new one if etcd forgot it); its deadline runs from the
+        keepalive's send time, as in rblock/fencer.py."""
+        if not self.alive:
+            return
+        w, boot, sent = self.world, self.boots, self.world.clock.now
+
+        def at_etcd() -> None:
+            e = w.etcd
+            if not e.reachable(self.name):
+                return  # lost: the node's request times out
+            lid = self.lease if self.lease and e.keepalive(self.lease) else e.grant()
+
+            def reply() -> None:
+                if not self.alive or self.boots != boot or self.core is None:
+                    return
+                if lid != self.lease:
+                    if self.core.fence is not None and self.core.fence.lease_valid:
+                        self.core.lease_changed(False)  # the old lease and its keys are gone
+                    self.lease = lid
+                self.lease_deadline = sent + LEASE_TTL_S
+                w.clock.at(max(0.0, self.lease_deadline - w.clock.now), self.lease_check, boot)
+                self.core.lease_changed(True)
+            w.clock.at(w.etcd_delay(), reply)
+        w.clock.at(w.etcd_delay(), at_etcd)
+        w.clock.at(LEASE_TTL_S / 3, self.lease_tick)
+
+    def lease_check(self, boot: int) -> None:
+        if (self.alive and self.boots == boot and self.core is not None
+                and self.world.clock.now >= self.lease_deadline):
+            self.core.lease_changed(False)
+
+    def fence(self, token: int, kind: Txn) -> None:
+        w, boot, lease = self.world, self.boots, self.lease
+
+        def deliver(answer: Answer) -> None:
+            if self.alive and self.boots == boot and self.core is not None:
+                self.core.disk_done(token, answer, None)
+
+        if not lease or w.clock.now >= self.lease_deadline:
+            w.clock.at(0.001, deliver, Answer(Ev.UNREACHABLE, reason="no lease"))
+            return
+
+        def at_etcd() -> None:
+            e = w.etcd
+            if not e.reachable(self.name):
+                w.clock.at(ETCD_TIMEOUT_S, deliver,
+                           Answer(Ev.UNREACHABLE, reason="no etcd member answered"))
+                return
+            r = e.txn(*fence_txn.build(kind, KEYS, self.name, self.peer, lease, w.clock.now))
+            answer = fence_txn.interpret(kind, KEYS, self.name, lease, r)
+            w.log(f"etcd: {self.name} {kind.value} -> {answer.event.value} {answer.reason}")
+            if not e.reachable(self.name) or w.rng.random() < 0.05:
+                # Done in etcd, the answer lost (the node is cut off now, or a timeout).
+                w.clock.at(ETCD_TIMEOUT_S, deliver,
+                           Answer(Ev.UNREACHABLE, reason="the answer did not come"))
+                return
+            w.clock.at(w.etcd_delay(), deliver, answer)
+        w.clock.at(w.etcd_delay(), at_etcd)
 
     def crash(self) -> None:
         """Power cut: the process, the page cache and everything in flight are gone."""
@@ -544,8 +711,13 @@ class World:
     def __init__(self, seed: int, *, protocol: str = "C", faults: bool = True,
                  crashes: bool = True, disk_faults: bool = True, log_max: int = 3000,
                  al_extents: int = AL_EXTENTS, guest_depth: int = 8,
-                 late_meta_results: bool = False) -> None:
+                 late_meta_results: bool = False, fencing: bool = False,
+                 on_no_quorum: str = "suspend-io") -> None:
         self.seed = seed
+        # Fencing through a simulated etcd: the operator then promotes whenever the guest's
+        # node looks gone, and the rules must refuse what is not safe.
+        self.fencing = fencing
+        self.on_no_quorum = on_no_quorum
         self.al_extents = al_extents
         # More guest requests in flight than the AL has extents: writes queue for extents.
         self.guest_depth = guest_depth
@@ -583,6 +755,10 @@ class World:
         self.checks = 0
         self.stopping = False
         self.split_brains = 0
+        self.etcd = SimEtcd(self)
+        self.refusals = 0
+        self.single_copy_acks = 0
+        self._demoting: dict[str, bool] = {}
 
     # --- log -----------------------------------------------------------------------------------
 
@@ -601,6 +777,9 @@ class World:
             peer = self.nodes[node].peer
             self.excused[node] |= self.excused[peer]
             self.missed[node] = False
+
+    def etcd_delay(self) -> float:
+        return self.rng.choice((0.0005, 0.001, 0.002, 0.01))
 
     def io_delay(self) -> float:
         return self.rng.choice((0.0001, 0.0005, 0.001, 0.003, 0.02))
@@ -731,6 +910,9 @@ class World:
     # --- the guest -------------------------------------------------------------------------------
 
     def primary(self) -> SimNode | None:
+        g = self.nodes.get(self.guest_node) if self.guest_node else None
+        if g is not None and g.alive and g.core is not None and g.core.role is Role.PRIMARY:
+            return g  # (with fencing, a deposed old primary may still be Primary too)
         for n in self.nodes.values():
             if n.alive and n.core is not None and n.core.role is Role.PRIMARY:
                 return n
@@ -885,6 +1067,19 @@ class World:
                 self.fail(f"write {w.wid} acknowledged, block {b} not on primary {p.name}")
             if peer.alive and self._holds(peer, b, w.wid):
                 continue
+            if self.fencing:
+                # Rule no-ack-lost: on this copy only, so the peer is recorded Outdated
+                # (or its disk says it is not good data).
+                self.single_copy_acks += 1
+                if (not self.etcd.outdated(peer.name)
+                        and self.persisted_disk_state(peer) == "uptodate"):
+                    self.fail(f"write {w.wid} acknowledged by {p.name} without block {b} on "
+                              f"{peer.name}, which is not recorded Outdated in etcd")
+                # Rule lease-lost: only the holder of the primary key acknowledges alone.
+                if not self.etcd.holds(p.name, p.lease):
+                    self.fail(f"write {w.wid} acknowledged by {p.name} on its copy alone, "
+                              f"but it does not hold the primary key in etcd (lease "
+                              f"{p.lease:x})")
             if not peer.alive:
                 # It may have applied the write and lost it with its page cache, or died
                 # before it came: the primary marks the write's extent out of sync when it
@@ -900,6 +1095,12 @@ class World:
             if not core.has_disk:
                 self.fail(f"write {w.wid} acknowledged by diskless {p.name}, block {b} not on "
                           f"{peer.name}")
+            if (peer.core is not None and peer.core.disk is Disk.INCONSISTENT
+                    and self.persisted_disk_state(peer) == "inconsistent"):
+                # A resync target: the resync may have sent the block already (the bit is
+                # clear here); until it ends the peer is no copy of the data, and when it
+                # ends invariant promote (and converge) check that it holds the write.
+                continue
             if not self._marked(p, b):
                 self.fail(f"write {w.wid} acknowledged, block {b} neither on {peer.name} nor "
                           f"marked out of sync on {p.name}")
@@ -946,6 +1147,14 @@ class World:
         if not ok:
             self.fail(f"read of block {b} on {p.name} returned write {got}, the guest was "
                       f"promised write {need} or later")
+
+    def check_holds_all(self, name: str, why: str) -> None:
+        """NAME's disk holds every acknowledged write it must (invariant outdated)."""
+        n = self.nodes[name]
+        for b in self.history:
+            need = self.required(name, b)
+            if need and not self._holds(n, b, need):
+                self.fail(f"{why}: {name} lacks block {b} of acknowledged write {need}")
 
     def check_promotable(self, n: SimNode) -> None:
         """Invariant promote: N (about to be, or just, promoted) holds what it must."""
@@ -1057,8 +1266,46 @@ class World:
         self.log(f"{name} disk repaired, attach")
         n.attach()
 
+    def operate_fenced(self) -> None:
+        """The HA manager with fencing: it promotes whenever the guest's node looks gone
+        (crashed, or cut off from etcd), and now and then for no reason at all; fencing
+        must refuse every promotion that could lose an acknowledged write. A Primary that
+        does not run the guest (it was deposed: its guest destroyed by self-fencing) is
+        demoted."""
+        for n in self.nodes.values():
+            c = n.core
+            if (n.alive and c is not None and c.role is Role.PRIMARY and n.name != self.guest_node
+                    and not c.link_is_up and not c._promoting and not self._demoting.get(n.name)
+                    and c.fence is not None
+                    and c.fence.key not in (Key.HELD, Key.TAKING, Key.RETAKING)):
+                self._demoting[n.name] = True
+                self.log(f"operator: demote {n.name} (fence key {c.fence.key.value})")
+                c.demote(lambda msg, exc, n=n: self._demoted(n, msg, exc))
+        g = self.nodes.get(self.guest_node) if self.guest_node else None
+        looks_gone = (g is None or not g.alive or g.core is None
+                      or g.core.role is not Role.PRIMARY or not self.etcd.reachable(g.name))
+        if not looks_gone and self.rng.random() > 0.05:
+            return
+        for n in self.rng.sample(list(self.nodes.values()), 2):
+            c = n.core
+            if not n.alive or c is None or c.role is Role.PRIMARY or c._promoting:
+                continue
+            try:
+                c.promote(False, lambda msg, exc, n=n: self._promoted(n, msg, exc))
+            except Exception as e:  # noqa: BLE001 -- a refusal (ResourceError) is fine
+                self.log(f"promote {n.name} refused: {e}")
+                continue
+            return
+
+    def _demoted(self, n: SimNode, msg: str, exc: BaseException | None) -> None:
+        self._demoting[n.name] = False
+        self.log(f"{n.name} demoted: {msg} {exc or ''}")
+
     def operate(self) -> None:
         """The operator: keep the guest running on a primary that holds its data."""
+        if self.fencing:
+            self.operate_fenced()
+            return
         p = self.primary()
         if p is not None:
             if self.guest_node is None:
@@ -1116,6 +1363,7 @@ class World:
 
     def _promoted(self, n: SimNode, msg: str, exc: BaseException | None) -> None:
         if exc is not None:
+            self.refusals += 1
             self.log(f"promote {n.name} failed: {exc}")
             return
         self.promotions += 1
@@ -1134,8 +1382,16 @@ class World:
 
     def _first_promotion(self) -> None:
         a = self.nodes["alpha"]
+        fence = a.core.fence  # type: ignore[union-attr]
+        if fence is not None and not fence.lease_valid:
+            self.clock.at(0.01, self._first_promotion)  # the lease first
+            return
         if a.core.phase in DECIDED:  # type: ignore[union-attr]
-            a.core.promote(True, lambda msg, exc: self._promoted(a, msg, exc))  # type: ignore[union-attr]
+            def done(msg: str, exc: BaseException | None) -> None:
+                self._promoted(a, msg, exc)
+                if exc is not None and a.alive and self.promotions == 0:
+                    self.clock.at(0.01, self._first_promotion)  # etcd did not answer
+            a.core.promote(True, done)  # type: ignore[union-attr]
         else:
             self.clock.at(0.01, self._first_promotion)
 
@@ -1159,12 +1415,43 @@ class World:
                 if self.nodes[node].alive:
                     self.nodes[node].core.disconnect()  # type: ignore[union-attr]
                     self.clock.at(self.rng.uniform(0.1, 1.0), self._reconnect_cmd, node)
+        elif self.fencing and self.faults and r < 0.737:
+            self.etcd_fault()
         elif self.crashes and r < 0.74:
             self.crash(self.rng.choice(NODES))
         elif self.disk_faults and r < 0.745:
             self.disk_fault(self.rng.choice(NODES))
         if not self.stopping:
             self.clock.at(self.rng.choice((0.0002, 0.001, 0.003, 0.01)), self.drive)
+
+    def etcd_fault(self) -> None:
+        """A node cut off from etcd (alone, or from the peer too: isolated), or etcd
+        without a quorum, for a while."""
+        e = self.etcd
+        what = self.rng.random()
+        if what < 0.35:
+            node = self.rng.choice(NODES)
+            e.cut.add(node)
+            self.log(f"{node} cut off from etcd")
+            self.clock.at(self.rng.uniform(0.5, 4.0), self._etcd_heal, node)
+        elif what < 0.75:
+            node = self.rng.choice(NODES)
+            e.cut.add(node)
+            self.log(f"{node} isolated (etcd and peer)")
+            self.cut(PEER_TIMEOUT_S, PEER_TIMEOUT_S, f"{node} isolated")
+            self.clock.at(self.rng.uniform(0.5, 5.0), self._etcd_heal, node)
+        elif e.quorum:
+            e.quorum = False
+            self.log("etcd loses its quorum")
+            self.clock.at(self.rng.uniform(0.5, 3.0), self._etcd_quorum_back)
+
+    def _etcd_heal(self, node: str) -> None:
+        self.etcd.cut.discard(node)
+        self.log(f"{node} reaches etcd again")
+
+    def _etcd_quorum_back(self) -> None:
+        self.etcd.quorum = True
+        self.log("etcd has a quorum again")
 
     def _reconnect_cmd(self, node: str) -> None:
         n = self.nodes[node]
@@ -1203,6 +1490,8 @@ class World:
         """Stop the faults, heal everything, let the resync finish: invariant converge."""
         self.faults = self.crashes = self.disk_faults = False
         self.stopping = True
+        self.etcd.cut.clear()
+        self.etcd.quorum = True
         for n in self.nodes.values():
             n.disk.fail_writes, n.disk.fail_reads, n.disk.fail_flushes = 0, False, False
             n.file.fail = False

@@ -68,7 +68,6 @@ from typing import Any
 from rblock.config import ResourceConfig
 from rblock.replica.core_apply import Apply
 from rblock.replica.core_commands import Commands
-from rblock.replica.core_fence import Fence
 from rblock.replica.core_common import (
     _NO_DISK,
     _PRIMARY,
@@ -83,6 +82,7 @@ from rblock.replica.core_common import (
     Sweep,
     log,
 )
+from rblock.replica.core_fence import Fence
 from rblock.replica.core_guest import GuestIO
 from rblock.replica.core_handshake import LinkHandshake
 from rblock.replica.core_sweep import Sweeps

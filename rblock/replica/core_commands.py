@@ -19,8 +19,8 @@ from rblock.replica.core_common import (
     Phase,
     log,
 )
-from rblock.replica.fencing import Ev
 from rblock.replica.effects import Event, ResourceError
+from rblock.replica.fencing import Ev
 from rblock.replica.state import (
     DISK_PERSISTED,
     Conn,
@@ -260,7 +260,7 @@ class Commands:
                     self._promote_now(force, done)
                 except ResourceError as e:
                     # Things changed while etcd answered: give the key back.
-                    self._fence_release(lambda _note: done("", e))
+                    self._fence_release(lambda _note, err=e: done("", err))
             try:
                 self._fence_take(ignore_fencing, taken)
             except ResourceError:

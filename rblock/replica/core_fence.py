@@ -8,7 +8,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from rblock.replica.core_common import _NO_DISK, _PRIMARY, GuestWrite, Phase, log
+from rblock.replica.core_common import _NO_DISK, _PRIMARY, DECIDED, GuestWrite, Phase, log
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.fencing import Answer, Ev, Key, Step
 from rblock.replica.state import Disk
@@ -24,8 +24,10 @@ class Fence:
         f = self.fence
         if f is None or self.phase is Phase.HANDSHAKE:
             return  # a handshake decides where writes go; until then they wait anyway
-        alone = self.role is _PRIMARY and (
-            not self.link_is_up or self.peer_disk in _NO_DISK or self._peer_write_failed)
+        # (Not "link down": a link that is up but not decided yet replicates nothing.)
+        alone = self.role is _PRIMARY and not (
+            self.link_is_up and self.phase in DECIDED and self.peer_disk not in _NO_DISK
+            and not self._peer_write_failed)
         uptodate = (self.link_is_up and self.phase is Phase.ESTABLISHED
                     and self.peer_disk is Disk.UPTODATE and not self._peer_write_failed)
         if alone == f.alone_needed and uptodate == f.peer_uptodate:
@@ -60,35 +62,38 @@ class Fence:
             then_d, self._fence_demote = self._fence_demote, None
             then_d(st.reason)
         if (self._fence_held or self._fence_waiters) and (
-                f.gate_open() or f.fail_single_copy() or self.role is not _PRIMARY):
+                f.gate_open() or f.peer_uptodate or f.fail_single_copy()
+                or self.role is not _PRIMARY):
             # Released from a timer, never from inside the handler that changed the facts.
             self.fx.set_timer("fence-gate", 0)
 
     def _fence_gate(self) -> None:
-        """Timer: held single-copy writes go on (gate open) or fail (io-error, demoted)."""
+        """Timer: writes held for fencing go on or fail. A write not started yet (held in
+        _route) goes on once single-copy writes may be acknowledged, or the peer replicates
+        again (it then goes to both); one the peer never confirmed (lost with the link)
+        only once single-copy writes may be acknowledged, or the resync has brought the
+        peer up to date: until then it is on this copy alone. Under io-error they fail
+        once a try to record the peer failed; on a demoted node they all fail."""
         f = self.fence
         if f is None:
             return
-        if self.role is not _PRIMARY:
-            ok = False  # demoted: what waited is answered by no one
-        elif f.single_copy_ok() or not f.alone_needed:
-            ok = True
-        elif f.fail_single_copy():
-            ok = False
-        else:
-            return
-        held, self._fence_held = self._fence_held, []
-        waiters, self._fence_waiters = self._fence_waiters, []
+        primary = self.role is _PRIMARY
+        alone_ok = primary and f.single_copy_ok()
+        fail = not primary or f.fail_single_copy()
         why = (f"{self.name}: I/O suspended on {self.node} ({f.suspended_why or f.last_reason})"
-               f" and on_no_quorum = \"io-error\"" if self.role is _PRIMARY else
+               f" and on_no_quorum = \"io-error\"" if primary else
                f"{self.name}: {self.node} was demoted while the write waited for fencing")
-        for fn in waiters:
-            fn(ok, why)
-        for w in held:
-            if ok and self.role is _PRIMARY:
-                self._route(w)
-            else:
-                self._fail_write(w, why)
+        if alone_ok or (primary and f.peer_uptodate) or fail:
+            waiters, self._fence_waiters = self._fence_waiters, []
+            for fn in waiters:
+                fn(not fail or alone_ok or (primary and f.peer_uptodate), why)
+        if alone_ok or (primary and not f.alone_needed) or fail:
+            held, self._fence_held = self._fence_held, []
+            for w in held:
+                if primary and (alone_ok or not f.alone_needed):
+                    self._route(w)
+                else:
+                    self._fail_write(w, why)
 
     def _fence_holds(self, w: GuestWrite) -> bool:
         """Rule no-ack-lost: hold W, which only this node would hold, if it may not go now."""
@@ -112,6 +117,8 @@ class Fence:
             fn(True, "")
             return
         self._fence_waiters.append(fn)
+        if f.fail_single_copy():
+            self.fx.set_timer("fence-gate", 0)
 
     def _fail_lost(self, lost: list[PendingWrite], why: str) -> None:
         """Writes the peer never confirmed, under io-error: EIO, never acknowledged."""
@@ -167,7 +174,7 @@ class Fence:
         return {"mode": "etcd", "on_no_quorum": "io-error" if f.io_error else "suspend-io",
                 "quorum": f.quorum, "lease": f.lease_valid, "primary_key": f.key.value,
                 "holder": self.node if f.key is Key.HELD else (f.holder or None),
-                "peer_outdated": [f.peer] if f.peer_outdated else [],
+                "peer_outdated": [f.peer] if f.peer_record else [],
                 "self_outdated": f.self_outdated,
                 "io_suspended": f.suspended_since is not None,
                 "io_suspended_for_s": (round(self.clock() - f.suspended_since, 3)

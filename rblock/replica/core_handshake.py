@@ -180,8 +180,19 @@ class LinkHandshake:
                 log.warning("%s: --discard-my-data ignored: there was no split brain to "
                             "resolve (%s)", self.name, d)
             self.discard_my_data = False
-        if not d.sync.connects or (peer.role is _PRIMARY and self.role is _PRIMARY):
-            why = str(d) if not d.sync.connects else "both nodes are Primary"
+        if d.sync.connects and peer.role is _PRIMARY and self.role is _PRIMARY:
+            # Not a split brain (the data has a direction): one of them was deposed by
+            # fencing, or an operator promoted both. Keep trying: once one is demoted, the
+            # next connect resyncs it.
+            why = (f"both nodes are Primary; demote one ('rblock secondary {self.name}'), "
+                   f"then it resyncs ({d})")
+            log.error("%s: refusing to replicate with %s: %s", self.name, peer.node, why)
+            self.refusal = why
+            self.fx.send_json(T.DISCONNECT, {"reason": why})
+            self.fx.close_link(why)
+            return
+        if not d.sync.connects:
+            why = str(d)
             if d.sync is Sync.BOTH_DISCARD:
                 fix = (f"run 'rblock connect {self.name} --discard-my-data' on the node whose "
                        f"changes are to be thrown away only, and 'rblock connect "

@@ -125,7 +125,11 @@ class Fencing:
         self.inflight: Txn | None = None
         self.lease_valid = False
         self.quorum: bool | None = None  # None: not asked yet
-        self.peer_outdated = False  # recorded Outdated in etcd, as far as this node knows
+        # The peer is recorded Outdated in etcd: known for sure (single-copy writes may go),
+        # and possibly (a record to delete once it is UpToDate again). A CLEAR makes the
+        # first false when it is sent: its answer may be lost after etcd applied it.
+        self.peer_outdated = False
+        self.peer_record = False
         self.self_outdated = False  # this node is recorded Outdated (seen on a refusal)
         self.holder = ""  # the node seen holding the key, if not this one
         self.alone_needed = False  # Primary with writes that only this node would hold
@@ -143,8 +147,7 @@ class Fencing:
         """Whether a write may be acknowledged with only this node's copy (no-ack-lost)."""
         if self.key is Key.IGNORED:
             return True
-        return self.key is Key.HELD and self.lease_valid and self.peer_outdated \
-            and self.inflight is not Txn.CLEAR
+        return self.key is Key.HELD and self.lease_valid and self.peer_outdated
 
     def fail_single_copy(self) -> bool:
         """Whether waiting single-copy writes fail now (io-error) instead of waiting: only
@@ -223,7 +226,8 @@ class Fencing:
         if k is Key.HELD:
             if self.alone_needed and not self.peer_outdated:
                 return Txn.OUTDATE
-            if self.peer_outdated and self.peer_uptodate and not self.alone_needed:
+            if self.peer_record and self.peer_uptodate and not self.alone_needed:
+                self.peer_outdated = False  # not for sure any more, whatever the answer
                 return Txn.CLEAR
         return None
 
@@ -255,7 +259,7 @@ def _taken(f: Fencing, a: Answer) -> Step:
     f.key = Key.HELD if f.lease_valid else Key.LOST
     f.holder = ""
     f.self_outdated = False
-    f.peer_outdated = f.peer in a.outdated
+    f.peer_outdated = f.peer_record = f.peer in a.outdated
     return Step(promoted=True, rule="one-writer")
 
 
@@ -300,13 +304,13 @@ def _retry(f: Fencing, a: Answer) -> Step:
 
 def _outdated(f: Fencing, a: Answer) -> Step:
     """no-ack-lost: the peer is recorded Outdated; single-copy writes may go."""
-    f.peer_outdated = True
+    f.peer_outdated = f.peer_record = True
     return Step(rule="no-ack-lost", events=[("peer-outdated", f"{f.peer} recorded Outdated "
                                                                f"in etcd by {f.node}")])
 
 
 def _cleared(f: Fencing, a: Answer) -> Step:
-    f.peer_outdated = False
+    f.peer_outdated = f.peer_record = False
     return Step(rule="outdated-cleared-by-resync",
                 events=[("peer-outdated-cleared", f"{f.peer} UpToDate again: its Outdated "
                                                   f"record is deleted")])
@@ -368,7 +372,7 @@ def _retaken_refused(f: Fencing, a: Answer) -> Step:
 
 def _retaken(f: Fencing, a: Answer) -> Step:
     f.key = Key.HELD
-    f.peer_outdated = f.peer in a.outdated
+    f.peer_outdated = f.peer_record = f.peer in a.outdated
     return Step(rule="lease-lost", events=[("lease-regained", "primary key taken back")])
 
 

@@ -28,6 +28,7 @@ from rblock.config import ResourceConfig
 from rblock.replica import wire
 from rblock.replica.core import ResourceCore
 from rblock.replica.effects import Event, ResourceError
+from rblock.replica.fencing import Answer, Fencing, Txn
 from rblock.replica.link import PeerLink
 from rblock.replica.state import DISK_PERSISTED, PERSISTED_DISK, Conn, Disk, Generation, Role
 from rblock.replica.wire import Frame, T
@@ -39,13 +40,17 @@ log = logging.getLogger("rblock.resource")
 
 # Opens a (replaced or repaired) disk and its metadata for `rblock attach`; blocking.
 DiskOpener = Callable[[], tuple[BlockDevice, Metadata]]
+# Runs a fencing transaction (rblock/fencer.py's Fencer.run): resource, peer, kind, and what
+# to call with the Answer.
+FenceRunner = Callable[[str, str, Txn, Callable[[Answer], None]], None]
 
 
 class Resource(BlockDevice):
     def __init__(self, node: str, cfg: ResourceConfig, peer_node: str, volume: BlockDevice,
                  meta: Metadata, emit: Callable[[Event], None],
                  open_disk: DiskOpener | None = None,
-                 open_meta: Callable[[], Metadata] | None = None):
+                 open_meta: Callable[[], Metadata] | None = None,
+                 fencer: FenceRunner | None = None):
         self.node = node
         self.cfg = cfg
         self.name = cfg.name
@@ -71,10 +76,16 @@ class Resource(BlockDevice):
         self._faults = (False, False, False)  # inject_fault: reads, writes, flushes
         self.connect_requested = asyncio.Event()  # set by connect(): a StandAlone node dials
         sb = meta.sb
+        self._fencer = fencer
+        self.lease_info: Callable[[], dict] | None = None  # node.py: the node's lease
+        fence = None
+        if cfg.fencing == "etcd":
+            assert fencer is not None, "node.py gives every fenced resource the fencer"
+            fence = Fencing(cfg.name, node, peer_node, cfg.on_no_quorum, self._loop.time)
         self.core = ResourceCore(
             node, cfg, peer_node, self, self._loop.time,
             Generation(sb.uuid_current, sb.uuid_bitmap, tuple(sb.uuid_history)),
-            PERSISTED_DISK[sb.disk_state], False, meta.bitmap, meta)
+            PERSISTED_DISK[sb.disk_state], False, meta.bitmap, meta, fence=fence)
         # The NBD server's WRITE enters the core directly: no shell frame per guest write.
         self.start_write = self.core.start_write  # type: ignore[method-assign]
         self._unlink()
@@ -448,6 +459,13 @@ class Resource(BlockDevice):
     def emit(self, event: Event) -> None:
         self._emit(event)
 
+    # --- effects: fencing -----------------------------------------------------------------------
+
+    def fence(self, token: int, kind: Txn) -> None:
+        assert self._fencer is not None
+        self._fencer(self.name, self.peer_node, kind,
+                     lambda answer: self.core.disk_done(token, answer, None))
+
     # --- commands ---------------------------------------------------------------------------------
 
     async def _command(self, start: Callable[[Callable[[str, BaseException | None], None]],
@@ -460,8 +478,8 @@ class Resource(BlockDevice):
         start(done)  # may raise ResourceError: refused before anything changed
         return await fut
 
-    async def promote(self, force: bool = False) -> str:
-        return await self._command(lambda done: self.core.promote(force, done))
+    async def promote(self, force: bool = False, ignore_fencing: bool = False) -> str:
+        return await self._command(lambda done: self.core.promote(force, done, ignore_fencing))
 
     async def demote(self, force: bool = False) -> str:
         if self.core.role is Role.SECONDARY:
@@ -551,6 +569,8 @@ class Resource(BlockDevice):
             peer["received_bytes"] = link.received_bytes if link else 0
         st["disk_faults"] = [w for w, on in zip(("reads", "writes", "flushes"), self._faults,
                                                 strict=True) if on] or None
+        if self.lease_info is not None and st["fencing"]["mode"] == "etcd":
+            st["fencing"].update(self.lease_info())
         return st
 
 
