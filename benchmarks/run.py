@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,8 +79,11 @@ JOBS = (
 JOBS_BY_NAME = {job.name: job for job in JOBS}
 # rblock-c / rblock-a: a two-node replicated resource (protocol C / A) on loopback, measured
 # through the primary's NBD export; compared with "rblock" (rblock serve, no replication).
-SERVERS = ("rblock", "qemu-nbd", "nbdkit", "rblock-c", "rblock-a")
-REPLICATED = {"rblock-c": "C", "rblock-a": "A"}
+# rblock-c-fenced: rblock-c with fencing = "etcd" (a one-member etcd started for it): the
+# steady-state cost of fencing, which touches etcd only on state changes. Not run by default.
+SERVERS = ("rblock", "qemu-nbd", "nbdkit", "rblock-c", "rblock-a", "rblock-c-fenced")
+DEFAULT_SERVERS = SERVERS[:5]
+REPLICATED = {"rblock-c": "C", "rblock-a": "A", "rblock-c-fenced": "C"}
 REPLICATED_BASELINE = "rblock"
 REPLICATED_TARGET_RATIO = 0.5
 REPLICATED_TARGET_JOBS = ("randwrite-4k-qd16", "write-1m-qd8")
@@ -173,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=parse_subset([job.name for job in JOBS]),
                         default=[job.name for job in JOBS],
                         help="comma-separated subset of: " + ",".join(JOBS_BY_NAME))
-    parser.add_argument("--servers", type=parse_subset(SERVERS), default=list(SERVERS),
+    parser.add_argument("--servers", type=parse_subset(SERVERS), default=list(DEFAULT_SERVERS),
                         help="comma-separated subset of: " + ",".join(SERVERS))
     parser.add_argument("--json", type=Path, metavar="OUT",
                         help="also write machine info, raw runs and summary as JSON")
@@ -323,9 +327,11 @@ def stop_server(server: RunningServer) -> None:
         process.wait()
 
 
-def cluster_config(directory: Path, protocol: str, size_bytes: int) -> Path:
+def cluster_config(directory: Path, protocol: str, size_bytes: int,
+                   etcd: str = "") -> Path:
     ports = [free_port() for _ in range(6)]
-    text = (f'[resource.{EXPORT_NAME}]\nsize = {size_bytes}\nprotocol = "{protocol}"\n'
+    text = (f'[cluster]\netcd = ["{etcd}"]\n\n' if etcd else "")
+    text += (f'[resource.{EXPORT_NAME}]\nsize = {size_bytes}\nprotocol = "{protocol}"\n'
             f'secret = "bench"\nresync_rate = "4G"\n')
     for i, node in enumerate(("alpha", "beta")):
         rp, cp, np_ = ports[3 * i:3 * i + 3]
@@ -357,8 +363,12 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "cluster.toml"
     fresh = not config.exists()
+    etcd = None
+    if server == "rblock-c-fenced":
+        etcd, etcd_url = start_etcd(directory, log_path)
     if fresh:
-        config = cluster_config(directory, REPLICATED[server], size_bytes)
+        config = cluster_config(directory, REPLICATED[server], size_bytes,
+                                etcd_url if etcd is not None else "")
         for node in ("alpha", "beta"):
             rblock_cli(config, node, "create-md")
     procs = []
@@ -401,6 +411,34 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
     finally:
         stop_server(running)
         stop_server(peer)
+        if etcd is not None:
+            stop_server(RunningServer("etcd", etcd, log_path, ""))
+
+
+def start_etcd(directory: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A one-member etcd with its data in DIRECTORY; (process, client URL)."""
+    client, peer = free_port(), free_port()
+    url = f"http://{HOST}:{client}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            ["etcd", "--name", "bench", "--data-dir", str(directory / "etcd"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", f"http://{HOST}:{peer}",
+             "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+             "--initial-cluster", f"bench=http://{HOST}:{peer}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if json.load(r).get("health") == "true":
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(PROBE_INTERVAL_S)
+    raise BenchError(f"etcd not healthy after {SERVER_READY_TIMEOUT_S} s\n    "
+                     f"{log_tail(log_path)}")
 
 
 @contextlib.contextmanager

@@ -707,3 +707,51 @@ def test_random_configs_with_one_fault_fail_at_that_key(case, fault):
         with pytest.raises(ConfigError) as info:
             load(write(Path(tmp), data))
     assert f": {key}: " in str(info.value)
+
+
+# -- [cluster] and fencing ---------------------------------------------------------------------
+
+
+def test_fencing_defaults_follow_the_cluster_table(tmp_path):
+    assert load_dict(tmp_path, base()).resource("r0").fencing == "none"
+    assert load_dict(tmp_path, base()).etcd is None
+    d = base()
+    d["cluster"] = {"etcd": ["http://10.0.0.1:2379", "https://10.0.0.2:2379/"],
+                    "lease_ttl_s": 3, "etcd_ca": "pki/ca.pem"}
+    cfg = load_dict(tmp_path, d)
+    assert cfg.resource("r0").fencing == "etcd"
+    assert cfg.resource("r0").on_no_quorum == "suspend-io"
+    assert cfg.etcd.endpoints == ("http://10.0.0.1:2379", "https://10.0.0.2:2379")
+    assert cfg.etcd.lease_ttl_s == 3 and cfg.etcd.prefix == "/rblock"
+    assert cfg.etcd.ca == tmp_path / "pki" / "ca.pem"
+    d["resource"]["r0"].update(fencing="none", on_no_quorum="io-error")
+    r0 = load_dict(tmp_path, d).resource("r0")
+    assert (r0.fencing, r0.on_no_quorum) == ("none", "io-error")
+
+
+@pytest.mark.parametrize("cluster, resource, key, fix", [
+    ({"etcd": "10.0.0.1:2379"}, {}, "cluster.etcd", "etcd client URLs"),
+    ({"etcd": []}, {}, "cluster.etcd", "every member"),
+    ({"lease_ttl_s": 5}, {}, "cluster.lease_ttl_s", "set without cluster.etcd"),
+    ({"etcd": ["http://a:2379"], "lease_ttl_s": 1}, {}, "cluster.lease_ttl_s",
+     "lease_ttl_s = 5"),
+    ({"etcd": ["http://a:2379"], "lease_ttl_s": 2.5}, {}, "cluster.lease_ttl_s",
+     "whole number"),
+    ({"etcd": ["http://a:2379"], "etcd_prefix": "rblock"}, {}, "cluster.etcd_prefix",
+     'starting with "/"'),
+    ({"etcd": ["http://a:2379"], "etcd_cert": "c.pem"}, {}, "cluster.etcd_key", "both"),
+    ({"etcd": ["http://a:2379"], "etcd": ["http://a:2379"], "ectd": 1}, {}, "cluster.ectd",
+     "unknown key"),
+    (None, {"fencing": "etcd"}, "resource.r0.fencing", "[cluster] etcd"),
+    ({"etcd": ["http://a:2379"]}, {"fencing": "dont-care"}, "resource.r0.fencing",
+     'fencing = "etcd"'),
+    ({"etcd": ["http://a:2379"]}, {"on_no_quorum": "freeze"}, "resource.r0.on_no_quorum",
+     '"suspend-io"'),
+])
+def test_fencing_errors_name_key_and_fix(tmp_path, cluster, resource, key, fix):
+    d = base()
+    if cluster is not None:
+        d["cluster"] = cluster
+    d["resource"]["r0"].update(resource)
+    msg = error_of(tmp_path, d)
+    assert f": {key}: " in msg and fix in msg, msg

@@ -145,7 +145,7 @@ def test_primary_isolated_from_peer_and_etcd(cluster, etcd1):
         c.wait(lambda: w.acked_count > 300, what="writes before the cut")
         cut.cut()
         t_cut = time.monotonic()
-        took = wait_promoted(c, "beta", timeout_s=3 * TTL_S + 15)
+        wait_promoted(c, "beta", timeout_s=3 * TTL_S + 15)
         print(f"isolation to successful promotion of beta: {time.monotonic() - t_cut:.2f}s")
         late = [t for t in w.ack_times if t > t_cut + 0.5]
         f = fencing(c, "alpha")
@@ -211,3 +211,52 @@ def test_rblock_events_carry_fencing_events(cluster, etcd1):
         ev.kill()
         ev.wait()
     w.stop()
+
+
+def test_etcd_members_stopped_one_by_one(cluster, tmp_path):
+    """Three members: with two up nothing changes; with one (no quorum) a primary with a
+    connected peer carries on, and one that also loses its peer suspends; etcd back: I/O
+    resumes (the lease, the key and the Outdated record, in that order)."""
+    why = nft_usable()
+    if why:
+        pytest.skip(why)
+    e = EtcdCluster(tmp_path / "etcd3", members=3)
+    e.start()
+    try:
+        c = fenced_cluster(cluster, e)
+        w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=8).start()
+        c.wait(lambda: w.acked_count > 200, what="writes")
+        e.stop_member(2)
+        n = w.acked_count
+        c.wait(lambda: w.acked_count > n + 300, what="writes with two members of three")
+        assert fencing(c, "alpha")["lease"] is True
+        e.stop_member(1)
+        c.wait(lambda: fencing(c, "alpha")["lease"] is False, timeout_s=3 * TTL_S + 5,
+               what="the lease runs out without a quorum")
+        n = w.acked_count
+        c.wait(lambda: w.acked_count > n + 300, what="writes go on with the peer connected")
+        cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"]])
+        try:
+            cut.cut()
+            t_cut = time.monotonic()
+            c.wait(lambda: fencing(c, "alpha")["io_suspended"] is True, timeout_s=10,
+                   what="I/O suspended: no peer, no etcd")
+            time.sleep(2.0)
+            assert not [t for t in w.ack_times if t > t_cut + 0.5], "acknowledged alone"
+            t_back = time.monotonic()
+            e.start_member(1)
+            e.start_member(2)
+            e.wait_healthy()
+            c.wait(lambda: w.ack_times and w.ack_times[-1] > t_back, timeout_s=20,
+                   what="I/O resumes once etcd is back")
+            print(f"etcd members restarted to the first write acknowledged: "
+                  f"{min(t for t in w.ack_times if t > t_back) - t_back:.2f}s")
+            assert fencing(c, "alpha")["peer_outdated"] == ["beta"]
+        finally:
+            cut.restore()
+        c.wait_synced()
+        w.stop()
+        check_region(w, region_bytes(c, "beta", w))
+        assert c.files_identical()
+    finally:
+        e.stop()
