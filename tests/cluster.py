@@ -131,8 +131,10 @@ class Cluster:
         err = self.dir / f"{node}-{n}.log"
         self.logs[node].append(err)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rblock", "up", "--config", str(self.configs[node]),
-             "--node", node], stdout=out.open("wb"), stderr=err.open("wb"), cwd=REPO)
+            # -X faulthandler: a node stuck at start is made to show where (SIGABRT below).
+            [sys.executable, "-X", "faulthandler", "-m", "rblock", "up", "--config",
+             str(self.configs[node]), "--node", node], stdout=out.open("wb"),
+            stderr=err.open("wb"), cwd=REPO)
         self.procs[node] = proc
         deadline = time.monotonic() + UP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -142,7 +144,13 @@ class Cluster:
                 raise AssertionError(f"rblock up {node} exited {proc.returncode}: "
                                      f"{err.read_text()}")
             time.sleep(0.02)
-        raise AssertionError(f"rblock up {node} not ready: {err.read_text()}")
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise AssertionError(f"rblock up {node} not ready after {UP_TIMEOUT_S:g}s (its stacks "
+                             f"at SIGABRT below): {err.read_text()}")
 
     def log(self, node: str) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs[node])
