@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 
 from rblock.nbd.handshake import TLSMode
 from rblock.units import parse_hostport, parse_size
@@ -119,6 +120,57 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
                 p.add_argument(f"--{what}", action="store_true", help=f"fail {what}")
             p.add_argument("--clear", action="store_true", help="stop failing")
         p.set_defaults(func=_cmd_action, action=action)
+    p = sub.add_parser("splitbrain", help="what a split-brain victim lost: list, export or "
+                                          "drop the blocks it saved before its resync")
+    _node_args(p)
+    p.add_argument("what", choices=("list", "export", "drop"))
+    p.add_argument("resource", metavar="RES")
+    p.add_argument("id", nargs="?", type=int, help="the snapshot (export, drop)")
+    p.add_argument("--out", metavar="FILE", help="export: the raw image to write")
+    p.add_argument("--json", action="store_true", help="list: JSON")
+    p.set_defaults(func=_cmd_splitbrain)
+
+
+def _cmd_splitbrain(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rblock.store import victim
+
+    cfg = _load(args)
+    disk = cfg.node(args.node).disks.get(args.resource)
+    if disk is None:
+        return _usage(f"resource '{args.resource}' has no disk on {args.node}")
+    disk = Path(disk)
+    if args.what == "list":
+        snaps = victim.list_snapshots(disk)
+        if args.json:
+            print(json.dumps(snaps, indent=2))
+        elif not snaps:
+            print(f"{args.resource}: no split-brain snapshots on {args.node}")
+        for s in snaps:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
+            state = "complete" if s.get("finished") else "resync not finished"
+            print(f"{s['id']}: {when} {s['saved_bytes']} bytes saved ({state}); lost to "
+                  f"{s.get('peer')}: {s.get('decision')}")
+        return 0
+    if args.id is None:
+        return _usage(f"splitbrain {args.what} needs the snapshot's id ('rblock splitbrain "
+                      f"list {args.resource}' shows them)")
+    try:
+        if args.what == "export":
+            if not args.out:
+                return _usage("splitbrain export needs --out FILE (a raw image)")
+            n = victim.export(disk, args.id, Path(args.out))
+            print(f"{args.resource}: snapshot {args.id} exported to {args.out} ({n} bytes): "
+                  f"the victim's disk as it was before the resync")
+        else:
+            victim.drop(disk, args.id)
+            print(f"{args.resource}: snapshot {args.id} deleted")
+    except FileNotFoundError as e:
+        print(f"rblock: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _load(args: argparse.Namespace):

@@ -64,6 +64,10 @@ ETCD_PREFIX_DEFAULT = "/rblock"
 # timeout (1.5 s with the defaults).
 LEASE_TTL_S_DEFAULT = 5
 FENCING_MODES = ("etcd", "none")
+# (the same names as rblock/replica/state.py's AFTER_SB_*; config sits below the replica layer)
+AFTER_SB_0PRI = ("disconnect", "discard-zero-changes", "discard-least-changes",
+                 "discard-younger-primary")
+AFTER_SB_1PRI = ("disconnect", "consensus", "discard-secondary")
 ON_NO_QUORUM = ("suspend-io", "io-error")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")  # per node: all three or none
 TLS_EXAMPLES = {"tls_cert": "pki/{node}-cert.pem", "tls_key": "pki/{node}-key.pem",
@@ -71,7 +75,7 @@ TLS_EXAMPLES = {"tls_cert": "pki/{node}-cert.pem", "tls_key": "pki/{node}-key.pe
 RESOURCE_KEYS = (
     "size", "protocol", "secret", "ping_interval_s", "peer_timeout_s",
     "connect_retry_max_s", "resync_rate", "tls", "ack_timeout_s", "al_extents",
-    "fencing", "on_no_quorum",
+    "fencing", "on_no_quorum", "after_sb_0pri", "after_sb_1pri",
 )
 NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS)
 ADDRESS_KEYS = ("replication", "control", "nbd")
@@ -141,6 +145,8 @@ class ResourceConfig:
     al_extents: int = AL_EXTENTS_DEFAULT  # activity-log extents hot at once (DRBD al-extents)
     fencing: str = "none"  # "etcd": the rules of rblock/replica/fencing.py; "none": DRBD's dont-care
     on_no_quorum: str = "suspend-io"  # single-copy writes wait ("io-error": fail) without etcd
+    after_sb_0pri: str = "disconnect"  # automatic split-brain recovery (DRBD's), off by default
+    after_sb_1pri: str = "disconnect"
 
 
 @dataclass(frozen=True)
@@ -403,10 +409,18 @@ class _Loader:
             raise self.fail(f"{key}.on_no_quorum", f"{_show(noq)} is not one of "
                             f'{", ".join(ON_NO_QUORUM)}; set on_no_quorum = "suspend-io" '
                             f"(writes wait for etcd) or \"io-error\" (they fail)")
+        sb = {}
+        for k, allowed in (("after_sb_0pri", AFTER_SB_0PRI), ("after_sb_1pri", AFTER_SB_1PRI)):
+            v = t.get(k, "disconnect")
+            if v not in allowed:
+                raise self.fail(f"{key}.{k}", f"{_show(v)} is not one of {', '.join(allowed)}; "
+                                f'set {k} = "disconnect" (an operator resolves split brains) '
+                                f"or one of the others (README, Split brain)")
+            sb[k] = v
         return dict(size_bytes=size_bytes, protocol=protocol.upper(), secret=secret,
                     ping_interval_s=ping, peer_timeout_s=timeout, connect_retry_max_s=retry,
                     resync_rate_bytes_per_s=rate, tls=tls, ack_timeout_s=ack, al_extents=al,
-                    fencing=fencing, on_no_quorum=noq)
+                    fencing=fencing, on_no_quorum=noq, **sb)
 
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

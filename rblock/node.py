@@ -126,6 +126,7 @@ class Node:
                              str(mp), self.name, res.name, res.size_bytes,
                              al_extents_max=res.al_extents))
             r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
+            r.disk_path = Path(disk)
             if self.fencer is not None:
                 r.lease_info = self._lease_info
             self.resources[res.name] = r

@@ -61,7 +61,8 @@ class Cluster:
                  secret: str = "test-secret", extra_resource: str = "",
                  secrets: dict[str, str] | None = None,
                  tls: dict[str, TLSFiles | None] | None = None,
-                 prelude: dict[str, str] | None = None):
+                 prelude: dict[str, str] | None = None, default_timeouts: bool = False):
+        self.default_timeouts = default_timeouts  # the product's timeouts, not the tests'
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(6)
@@ -87,9 +88,10 @@ class Cluster:
         mine = tls.get(reader)
         if mine is not None:
             extra = f"tls = true\n{extra}"
+        timeouts = ("" if self.default_timeouts else
+                    'ping_interval_s = 0.5\npeer_timeout_s = 2.0\nconnect_retry_max_s = 1.0\n')
         lines = [f'[resource.r0]\nsize = "{size}"\nprotocol = "{protocol}"\n'
-                 f'secret = "{secret}"\nping_interval_s = 0.5\npeer_timeout_s = 2.0\n'
-                 f'connect_retry_max_s = 1.0\nresync_rate = "400M"\n{extra}\n']
+                 f'secret = "{secret}"\n{timeouts}resync_rate = "400M"\n{extra}\n']
         for node in NODES:
             p = self.ports[node]
             files = ""

@@ -406,6 +406,8 @@ class SimNode:
             uuids=lambda: (self.world.rng.getrandbits(64) & ~1) | 0x10000,
             fence=(Fencing(self.cfg.name, self.name, self.peer, self.world.on_no_quorum,
                            lambda: self.world.clock.now) if self.world.fencing else None))
+        self.core.wall_clock = lambda: 1.7e9 + self.world.clock.now  # deterministic
+        self.core.promoted_at = sb.promoted_at
         self.world.log(f"{self.name} boots ({sb.disk_state}, gen {sb.uuid_current:x})")
         self.lease, self.lease_deadline = 0, 0.0
         if self.world.fencing:
@@ -674,6 +676,12 @@ class SimNode:
 
     def emit(self, event: Event) -> None:
         self.world.on_event(self.name, event)
+
+    def victim_begin(self, info: dict) -> None:
+        self.world.log(f"{self.name} is a split-brain victim: {info['decision']}")
+
+    def victim_end(self) -> None:
+        pass
 
     # --- attach after a repair -----------------------------------------------------------------
 

@@ -740,7 +740,7 @@ def test_fencing_defaults_follow_the_cluster_table(tmp_path):
     ({"etcd": ["http://a:2379"], "etcd_prefix": "rblock"}, {}, "cluster.etcd_prefix",
      'starting with "/"'),
     ({"etcd": ["http://a:2379"], "etcd_cert": "c.pem"}, {}, "cluster.etcd_key", "both"),
-    ({"etcd": ["http://a:2379"], "etcd": ["http://a:2379"], "ectd": 1}, {}, "cluster.ectd",
+    ({"etcd": ["http://a:2379"], "ectd": 1}, {}, "cluster.ectd",
      "unknown key"),
     (None, {"fencing": "etcd"}, "resource.r0.fencing", "[cluster] etcd"),
     ({"etcd": ["http://a:2379"]}, {"fencing": "dont-care"}, "resource.r0.fencing",

@@ -6,6 +6,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rblock.replica.state import (
+    AFTER_SB_0PRI,
+    AFTER_SB_1PRI,
     UUID_JUST_CREATED,
     Conn,
     Disk,
@@ -13,6 +15,7 @@ from rblock.replica.state import (
     Repl,
     Role,
     Side,
+    SplitBrainPolicy,
     Sync,
     check_promote,
     decide,
@@ -250,3 +253,58 @@ def test_apply_queue_starts_exactly_what_the_ordering_rules_allow(seq):
             assert got == want, (got, want)
             started.update(got)
     assert len(q) == len(entries) - len(done)
+
+
+# --- automatic split-brain recovery (after-sb-0pri / after-sb-1pri) -------------------------
+
+policies = st.builds(SplitBrainPolicy, st.sampled_from(AFTER_SB_0PRI),
+                     st.sampled_from(AFTER_SB_1PRI))
+
+
+def sb_sides(node: str):
+    return st.builds(Side, st.just(node), gens, disks, roles, st.booleans(),
+                     st.integers(0, 3), st.just(False), st.just("C"),
+                     st.sampled_from([0.0, 100.0, 200.0]))
+
+
+@given(a=sb_sides("alpha"), b=sb_sides("beta"), p=policies)
+def test_split_brain_policies_pick_the_same_victim_on_both_nodes(a, b, p):
+    da, db = decide(a, b, p), decide(b, a, p)
+    assert da.sync.mirror == db.sync and da.rule == db.rule, (da, db)
+    if da.rule.startswith("after-sb"):
+        assert decide(a, b).sync is Sync.SPLIT_BRAIN  # policies only act on a split brain
+        victim = a if da.sync in (Sync.BITMAP_TARGET, Sync.FULL_TARGET) else b
+        assert victim.role is not Role.PRIMARY, da  # a Primary is never the victim
+
+
+def _sb(node: str, changes: int, role: Role = Role.SECONDARY, promoted_at: float = 0.0) -> Side:
+    # Both moved on from the generation they parted at: rule same-bitmap.
+    return Side(node, Generation(0x30003 if node == "alpha" else 0x40004, 0x20002), Disk.UPTODATE,
+                role, False, changes, False, "C", promoted_at)
+
+
+def test_each_policy_with_its_rule():
+    p0 = SplitBrainPolicy
+    d = decide(_sb("alpha", 0), _sb("beta", 5), p0("discard-zero-changes"))
+    assert d.sync is Sync.BITMAP_TARGET and d.rule.startswith(
+        "after-sb-0pri discard-zero-changes: alpha wrote nothing since the split"), d
+    d = decide(_sb("alpha", 7), _sb("beta", 5), p0("discard-zero-changes"))
+    assert d.sync is Sync.SPLIT_BRAIN
+    d = decide(_sb("alpha", 7), _sb("beta", 5), p0("discard-least-changes"))
+    assert d.sync is Sync.BITMAP_SOURCE and "beta changed fewer blocks" in d.rule, d
+    d = decide(_sb("alpha", 5), _sb("beta", 5), p0("discard-least-changes"))
+    assert d.sync is Sync.SPLIT_BRAIN
+    d = decide(_sb("alpha", 1, promoted_at=200.0), _sb("beta", 9, promoted_at=100.0),
+               p0("discard-younger-primary"))
+    assert d.sync is Sync.BITMAP_TARGET and "alpha became Primary later" in d.rule, d
+    d = decide(_sb("alpha", 1, Role.PRIMARY), _sb("beta", 9),
+               p0("disconnect", "discard-secondary"))
+    assert d.sync is Sync.BITMAP_SOURCE and "beta is the Secondary" in d.rule, d
+    # consensus: the 0pri policy must pick the Secondary, or nothing happens.
+    d = decide(_sb("alpha", 9, Role.PRIMARY), _sb("beta", 1),
+               p0("discard-least-changes", "consensus"))
+    assert d.sync is Sync.BITMAP_SOURCE and "consensus" in d.rule, d
+    d = decide(_sb("alpha", 1, Role.PRIMARY), _sb("beta", 9),
+               p0("discard-least-changes", "consensus"))
+    assert d.sync is Sync.SPLIT_BRAIN
+    assert decide(_sb("alpha", 0), _sb("beta", 5)).sync is Sync.SPLIT_BRAIN  # off by default

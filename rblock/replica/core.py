@@ -62,6 +62,7 @@ finish through their `done` callback once what they changed is durable.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,8 @@ class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands, Fence):
         self._fence_promote: Callable[[bool, str], None] | None = None
         self._fence_demote: Callable[[str], None] | None = None
         self._peer_write_failed = False  # the peer failed to apply a write on this link
+        self.promoted_at = 0.0  # unix time of the last promotion (the shell sets it from
+        self.wall_clock: Callable[[], float] = time.time  # the superblock; the sim: its clock)
 
     # --- small helpers ---------------------------------------------------------------------
 

@@ -315,7 +315,8 @@ class Commands:
                      f" ({chk.reason})" if chk.reason else "")
             done(chk.reason or "promoted", None)
         self._promoting = True
-        self._persist(persisted, role_primary=True)
+        self.promoted_at = round(self.wall_clock(), 3)
+        self._persist(persisted, role_primary=True, promoted_at=self.promoted_at)
 
     def demote(self, done: Callable[[str, BaseException | None], None]) -> None:
         """The shell checks for NBD clients first (or cuts them off with --force)."""

@@ -27,6 +27,7 @@ from rblock.replica.state import (
     PeerCounters,
     Role,
     Side,
+    SplitBrainPolicy,
     Sync,
     decide,
 )
@@ -134,7 +135,7 @@ class LinkHandshake:
         return Side(self.node, self.gen, self.disk if self.has_disk else Disk.DISKLESS,
                     self.role, self.crashed_primary,
                     self.bitmap.count() if self.bitmap is not None else 0,
-                    self.discard_my_data, self.cfg.protocol)
+                    self.discard_my_data, self.cfg.protocol, self.promoted_at)
 
     def _on_state_first(self, f: Frame) -> None:
         if self.peer_side is not None:
@@ -167,7 +168,8 @@ class LinkHandshake:
             self.refusal = why
             self.fx.close_link(why, refuse=True)
             return
-        d = decide(local, peer)
+        d = decide(local, peer, SplitBrainPolicy(self.cfg.after_sb_0pri,
+                                                 self.cfg.after_sb_1pri))
         self.last_decision = d
         self._set("peer-role", peer.role)
         self._set("peer-disk", peer.disk)
@@ -218,6 +220,11 @@ class LinkHandshake:
         elif d.sync in (Sync.FULL_SOURCE, Sync.FULL_TARGET) and bitmap is not None:
             bitmap.set_range(0, self.size_bytes)
         if d.sync in (Sync.BITMAP_TARGET, Sync.FULL_TARGET):
+            if d.rule.startswith(("discard-my-data", "after-sb")):
+                # This node loses a split brain: what the resync overwrites is kept.
+                self.fx.victim_begin({"peer": peer.node, "decision": str(d),
+                                      "generation": f"{local.gen.current:016X}",
+                                      "changed_blocks": local.out_of_sync_blocks})
             self._begin_sync_target()
         elif d.sync in (Sync.BITMAP_SOURCE, Sync.FULL_SOURCE):
             self._set_phase(Phase.SYNC_SOURCE)

@@ -177,6 +177,7 @@ class Sweeps:
             self._set_phase(Phase.ESTABLISHED)
             self._audit_established("blocks marked again after the resync")
             self.fx.emit(Event(self.name, "sync-done", "", "target"))
+            self.fx.victim_end()  # (a no-op unless this resync resolved a split brain)
             log.info("%s: resync from %s finished", self.name, self.peer_node)
         # Rule durable-before-claim: the resynced blocks are on disk before the bitmap and
         # the superblock say the disk is UpToDate.

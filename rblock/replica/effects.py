@@ -120,6 +120,15 @@ class Effects(Protocol):
 
     def cancel_timer(self, name: str) -> None: ...
 
+    # --- split brain ----------------------------------------------------------------------------
+    def victim_begin(self, info: dict) -> None:
+        """This node loses a split brain: from now until `victim_end`, every block of its
+        disk is saved before its first overwrite (rblock/store/victim.py). Synchronous:
+        in place before the resync's first write."""
+
+    def victim_end(self) -> None:
+        """The resync that began with `victim_begin` finished (no-op otherwise)."""
+
     # --- fencing ------------------------------------------------------------------------------
     def fence(self, token: int, kind: Txn) -> None:
         """Run fencing transaction KIND in etcd under this node's lease (fence_txn.build);

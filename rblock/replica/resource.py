@@ -21,6 +21,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from rblock.aio import run_eager
@@ -35,6 +36,7 @@ from rblock.replica.wire import Frame, T
 from rblock.store.device import BlockDevice, Capabilities, DeviceError
 from rblock.store.faults import FaultyDevice
 from rblock.store.metadata import ActivityLogFull, Metadata, MetadataError
+from rblock.store.victim import SavingDevice, VictimSnapshot, unfinished
 
 log = logging.getLogger("rblock.resource")
 
@@ -77,6 +79,7 @@ class Resource(BlockDevice):
         self.connect_requested = asyncio.Event()  # set by connect(): a StandAlone node dials
         sb = meta.sb
         self._fencer = fencer
+        self.disk_path: Path | None = None  # node.py: the backing disk (split-brain snapshots)
         self.lease_info: Callable[[], dict] | None = None  # node.py: the node's lease
         fence = None
         if cfg.fencing == "etcd":
@@ -107,9 +110,17 @@ class Resource(BlockDevice):
     # --- start and stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recover from a crash if the last stop was not clean, then mark the metadata open."""
+        """Recover from a crash if the last stop was not clean, then mark the metadata open.
+        A split-brain resync that did not finish goes on saving what it overwrites."""
         meta = self.meta
         assert meta is not None
+        self.core.promoted_at = meta.sb.promoted_at
+        if self.disk_path is not None:
+            info = unfinished(self.disk_path, self.name)
+            if info is not None:
+                self._wrap_saving(VictimSnapshot(self.disk_path, info, self.size_bytes))
+                log.warning("%s: the split-brain resync of snapshot %s did not finish: "
+                            "saving goes on", self.name, info["id"])
         sb = meta.sb
         if not sb.clean_shutdown:
             blocks = await self._loop.run_in_executor(None, meta.recover_crash)
@@ -458,6 +469,45 @@ class Resource(BlockDevice):
 
     def emit(self, event: Event) -> None:
         self._emit(event)
+
+    # --- effects: split brain -------------------------------------------------------------------
+
+    def victim_begin(self, info: dict) -> None:
+        if self.disk_path is None or self.volume is None:
+            log.error("%s: split-brain victim, but the disk's path is not known: what the "
+                      "resync overwrites is not saved", self.name)
+            return
+        if isinstance(self.volume, SavingDevice):
+            return  # (a resync interrupted and started again: the same snapshot goes on)
+        try:
+            snap = VictimSnapshot.create(self.disk_path, self.size_bytes, resource=self.name,
+                                         node=self.node, **info)
+        except OSError as e:
+            log.error("%s: cannot create the split-brain snapshot beside %s (%s): dropping "
+                      "the link rather than overwriting the victim's blocks unsaved",
+                      self.name, self.disk_path, e)
+            self.close_link(f"split-brain snapshot failed: {e}")
+            return
+        self._wrap_saving(snap)
+        log.warning("%s: %s loses the split brain (%s): every block the resync overwrites is "
+                    "saved first in %s ('rblock splitbrain list %s')", self.name, self.node,
+                    info["decision"], snap.img, self.name)
+        self.emit(Event(self.name, "split-brain-victim", "", str(snap.img), info["decision"]))
+
+    def _wrap_saving(self, snap: VictimSnapshot) -> None:
+        assert self.volume is not None
+        base = self.volume
+        while hasattr(base, "inner"):
+            base = base.inner  # type: ignore[attr-defined]
+        self.volume = SavingDevice(self.volume, base.fd, snap)  # type: ignore[attr-defined]
+
+    def victim_end(self) -> None:
+        v = self.volume
+        if isinstance(v, SavingDevice):
+            v.snap.finish()
+            self.volume = v.inner
+            log.info("%s: split-brain resync done; the victim's old blocks are kept in %s",
+                     self.name, v.snap.img)
 
     # --- effects: fencing -----------------------------------------------------------------------
 

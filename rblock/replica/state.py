@@ -139,18 +139,21 @@ class Side:
     out_of_sync_blocks: int = 0
     discard_my_data: bool = False  # 'connect --discard-my-data': lose a split brain
     protocol: str = "C"  # the resource's protocol in this node's config
+    promoted_at: float = 0.0  # unix time this node last became Primary (0: never)
 
     def to_json(self) -> dict:
         return {"node": self.node, "gen": self.gen.to_json(), "disk": self.disk.value,
                 "role": self.role.value, "crashed_primary": self.crashed_primary,
                 "out_of_sync_blocks": self.out_of_sync_blocks,
-                "discard_my_data": self.discard_my_data, "protocol": self.protocol}
+                "discard_my_data": self.discard_my_data, "protocol": self.protocol,
+                "promoted_at": self.promoted_at}
 
     @classmethod
     def from_json(cls, d: dict) -> Side:
         return cls(str(d["node"]), Generation.from_json(d["gen"]), Disk(d["disk"]),
                    Role(d["role"]), bool(d["crashed_primary"]), int(d["out_of_sync_blocks"]),
-                   bool(d["discard_my_data"]), str(d["protocol"]))
+                   bool(d["discard_my_data"]), str(d["protocol"]),
+                   float(d.get("promoted_at", 0.0)))
 
     @property
     def consistent(self) -> bool:
@@ -333,7 +336,78 @@ def _by_discard(a: Side, b: Side, sync: Sync, rule: str) -> Sync | None:
     return _source_if(b.discard_my_data, bitmap=rule == "same-bitmap")
 
 
-def decide(local: Side, peer: Side) -> Decision:
+# Automatic split-brain recovery, DRBD's after-sb-0pri / after-sb-1pri (off by default:
+# "disconnect"). Both nodes read the same policies, so both pick the same victim. (The
+# names are rblock/config.py's too, which checks them.)
+AFTER_SB_0PRI = ("disconnect", "discard-zero-changes", "discard-least-changes",
+                 "discard-younger-primary")
+AFTER_SB_1PRI = ("disconnect", "consensus", "discard-secondary")
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBrainPolicy:
+    after_sb_0pri: str = "disconnect"
+    after_sb_1pri: str = "disconnect"
+
+
+def _victim_0pri(a: Side, b: Side, policy: str) -> tuple[str | None, str]:
+    """Which node's changes are thrown away under POLICY (None: none, disconnect), and why.
+    The changes of a node are the blocks its bitmap counts since the nodes parted."""
+    ca, cb = a.out_of_sync_blocks, b.out_of_sync_blocks
+    if policy == "discard-zero-changes":
+        if (ca == 0) != (cb == 0):
+            v = a if ca == 0 else b
+            return v.node, f"{v.node} wrote nothing since the split"
+        if ca == 0:
+            v = max(a, b, key=lambda s: s.node)  # neither wrote: any direction keeps all
+            return v.node, "neither node wrote since the split"
+        return None, f"both nodes wrote since the split ({ca} and {cb} blocks)"
+    if policy == "discard-least-changes":
+        if ca != cb:
+            v = a if ca < cb else b
+            return v.node, (f"{v.node} changed fewer blocks since the split "
+                            f"({min(ca, cb)} against {max(ca, cb)})")
+        return None, f"both nodes changed {ca} blocks"
+    if policy == "discard-younger-primary":
+        if a.promoted_at and b.promoted_at and a.promoted_at != b.promoted_at:
+            v = a if a.promoted_at > b.promoted_at else b
+            return v.node, f"{v.node} became Primary later"
+        return None, "which node became Primary later is not known"
+    return None, "policy disconnect"
+
+
+def _by_policy(a: Side, b: Side, sync: Sync, rule: str,
+               policy: SplitBrainPolicy) -> Decision | None:
+    """after-sb-0pri / after-sb-1pri: a split brain resolved by policy, the victim the
+    sync target (bitmap resync after rule same-bitmap, a full one otherwise). A Primary is
+    never the victim: with two Primaries the nodes disconnect."""
+    if sync is not Sync.SPLIT_BRAIN:
+        return None
+    primaries = [s for s in (a, b) if s.role is Role.PRIMARY]
+    if not primaries:
+        victim, why = _victim_0pri(a, b, policy.after_sb_0pri)
+        name = f"after-sb-0pri {policy.after_sb_0pri}"
+    elif len(primaries) == 1:
+        secondary = b if primaries[0] is a else a
+        name = f"after-sb-1pri {policy.after_sb_1pri}"
+        if policy.after_sb_1pri == "discard-secondary":
+            victim, why = secondary.node, f"{secondary.node} is the Secondary"
+        elif policy.after_sb_1pri == "consensus":
+            victim, why = _victim_0pri(a, b, policy.after_sb_0pri)
+            if victim != secondary.node:
+                return None  # the 0pri policy would discard the Primary: no consensus
+            why = f"{why}, and it is the Secondary (after-sb-0pri {policy.after_sb_0pri})"
+        else:
+            return None
+    else:
+        return None
+    if victim is None:
+        return None
+    return Decision(_source_if(victim == b.node, bitmap=rule == "same-bitmap"),
+                    f"{name}: {why}; after {rule}")
+
+
+def decide(local: Side, peer: Side, policy: SplitBrainPolicy | None = None) -> Decision:
     if Disk.DISKLESS in (local.disk, peer.disk):
         return Decision(Sync.DISKLESS, "diskless")
     sync, name = Sync.UNRELATED, "no-match"
@@ -348,6 +422,10 @@ def decide(local: Side, peer: Side) -> Decision:
     by_discard = _by_discard(local, peer, sync, name)
     if by_discard is not None:
         return Decision(by_discard, f"discard-my-data after {name}")
+    if policy is not None:
+        by_policy = _by_policy(local, peer, sync, name, policy)
+        if by_policy is not None:
+            return by_policy
     return Decision(sync, name)
 
 

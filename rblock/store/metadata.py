@@ -405,6 +405,7 @@ class Superblock:
     disk_state: str = DISK_INCONSISTENT
     role_primary: bool = False  # was primary and has not shut down cleanly since
     clean_shutdown: bool = True
+    promoted_at: float = 0.0  # unix time of the last promotion (after-sb discard-younger-primary)
     extra: dict = field(default_factory=dict)  # keys of later versions, kept as they are
 
     def __post_init__(self) -> None:
@@ -433,6 +434,9 @@ class Superblock:
                        f"{UUID_HISTORY_MAX}")
         if self.disk_state not in DISK_STATES:
             out.append(f"disk_state {self.disk_state!r} is not one of {', '.join(DISK_STATES)}")
+        pa = self.promoted_at
+        if isinstance(pa, bool) or not isinstance(pa, (int, float)) or not 0 <= pa < 1e11:
+            out.append(f"promoted_at {pa!r} is not a unix time")
         for name in ("role_primary", "clean_shutdown"):
             if type(getattr(self, name)) is not bool:
                 out.append(f"{name} {getattr(self, name)!r} is not a bool")
