@@ -260,3 +260,29 @@ def test_etcd_members_stopped_one_by_one(cluster, tmp_path):
         assert c.files_identical()
     finally:
         e.stop()
+
+
+def test_io_error_fails_single_copy_writes_when_etcd_is_gone(cluster, etcd1):
+    """on_no_quorum = "io-error": the primary cut off from the peer and etcd fails the writes
+    it cannot record (EIO), never acknowledges them, and keeps serving none alone."""
+    why = nft_usable()
+    if why:
+        pytest.skip(why)
+    c = fenced_cluster(cluster, etcd1, extra_resource='on_no_quorum = "io-error"\n')
+    w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=4).start()
+    cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"],
+                   *etcd1.client_ports("alpha")])
+    try:
+        c.wait(lambda: w.acked_count > 100, what="writes before the cut")
+        cut.cut()
+        t_cut = time.monotonic()
+        c.wait(lambda: bool(w.errors) or bool(w.failure), timeout_s=20,
+               what="writes fail with EIO")
+        assert all(e == 5 for _b, _c, e in w.errors), w.errors  # EIO
+        assert not [t for t in w.ack_times if t > t_cut + 0.5]
+        f = fencing(c, "alpha")
+        assert f["on_no_quorum"] == "io-error" and f["io_suspended"] is True, f
+        assert f["io_suspended_since"] > time.time() - 60, f
+    finally:
+        cut.restore()
+    w.stop(check=False)

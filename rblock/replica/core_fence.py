@@ -179,6 +179,9 @@ class Fence:
                 "io_suspended": f.suspended_since is not None,
                 "io_suspended_for_s": (round(self.clock() - f.suspended_since, 3)
                                        if f.suspended_since is not None else None),
+                "io_suspended_since": (round(self.wall_clock() - self.clock()
+                                             + f.suspended_since, 3)
+                                       if f.suspended_since is not None else None),
                 "io_suspended_why": f.suspended_why or None,
                 "held_writes": len(self._fence_held) + len(self._fence_waiters),
                 "last_reason": f.last_reason or None}
