@@ -22,6 +22,11 @@ Everything that is I/O in the shell is simulated here, as the `Effects` of each 
 - the operator (an HA manager, minus fencing): promotes a node when there is no primary and
   the node cannot have missed a write (it was connected whenever one was acknowledged), and
   moves the guest there.
+- with `fencing=True`: etcd (`SimEtcd`: keys, leases that expire, nodes cut off from it,
+  lost quorum, answers lost after etcd applied them), each node's lease kept alive as
+  rblock/fencer.py does, and the real transactions of rblock/replica/fence_txn.py. The
+  operator then promotes whenever the guest's node looks gone (and now and then for no
+  reason), and demotes a deposed Primary: fencing must refuse every unsafe promotion.
 
 Every event is drawn from one `random.Random(seed)`: a seed replays exactly.
 
@@ -36,6 +41,9 @@ Invariants, checked as the run goes (an AssertionError names the seed's event lo
   lost in its own crash before they were flushed (or got from a resync source that had).
 - bitmap: whenever nothing is in flight, every block that differs between the two disks is
   marked out of sync on one of them.
+- fencing (with `fencing=True`): a write acknowledged without the peer's copy was
+  acknowledged by the holder of the primary key under a live lease, with the peer recorded
+  Outdated; an Outdated record is deleted only once its node holds every acknowledged write.
 - converge: at the end, once every fault is healed and the resync is done, the two disks
   are byte-identical and hold what the guest was promised.
 """
