@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -30,7 +31,12 @@ START_TIMEOUT_S = 20.0
 
 class EtcdCluster:
     def __init__(self, workdir: Path, members: int = 1,
-                 clients: tuple[str, ...] = ("alpha", "beta")) -> None:
+                 clients: tuple[str, ...] = ("alpha", "beta"),
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """TLS: (cert, key, ca) of the members' client side; clients must then present a
+        certificate signed by the CA (--client-cert-auth)."""
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.dir = workdir
         self.n = members
         self.clients = clients
@@ -41,7 +47,7 @@ class EtcdCluster:
         self.procs: dict[int, subprocess.Popen] = {}
 
     def endpoints(self, client: str) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.ports[client]]
+        return [f"{self.scheme}://127.0.0.1:{p}" for p in self.ports[client]]
 
     def client_ports(self, client: str) -> list[int]:
         return list(self.ports[client])
@@ -50,7 +56,12 @@ class EtcdCluster:
         return ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
 
     def start_member(self, i: int, state: str = "existing") -> None:
-        urls = ",".join(f"http://127.0.0.1:{self.ports[c][i]}" for c in self.clients)
+        urls = ",".join(f"{self.scheme}://127.0.0.1:{self.ports[c][i]}" for c in self.clients)
+        tls = []
+        if self.tls:
+            cert, key, ca = self.tls
+            tls = ["--cert-file", str(cert), "--key-file", str(key), "--trusted-ca-file",
+                   str(ca), "--client-cert-auth"]
         log = (self.dir / f"etcd-m{i}.log").open("ab")
         self.procs[i] = subprocess.Popen(
             [ETCD or "etcd", "--name", f"m{i}", "--data-dir", str(self.dir / f"etcd-m{i}"),
@@ -58,7 +69,7 @@ class EtcdCluster:
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
              "--listen-client-urls", urls, "--advertise-client-urls", urls,
              "--initial-cluster", self._initial(), "--initial-cluster-state", state,
-             "--heartbeat-interval", "100", "--election-timeout", "1000"],
+             "--heartbeat-interval", "100", "--election-timeout", "1000", *tls],
             stdout=log, stderr=log)
 
     def start(self) -> None:
@@ -68,9 +79,14 @@ class EtcdCluster:
         self.wait_healthy()
 
     def healthy(self, i: int) -> bool:
-        url = f"http://127.0.0.1:{self.ports[self.clients[0]][i]}/health"
+        url = f"{self.scheme}://127.0.0.1:{self.ports[self.clients[0]][i]}/health"
+        ctx = None
+        if self.tls:
+            cert, key, ca = self.tls
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.load_cert_chain(str(cert), str(key))
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
                 return json.load(r).get("health") == "true"
         except OSError:
             return False
