@@ -138,12 +138,14 @@ def _cmd_splitbrain(args: argparse.Namespace) -> int:
     from rblock.store import victim
 
     cfg = _load(args)
-    disk = cfg.node(args.node).disks.get(args.resource)
+    me = cfg.node(args.node)
+    disk = me.disks.get(args.resource)
     if disk is None:
         return _usage(f"resource '{args.resource}' has no disk on {args.node}")
     disk = Path(disk)
+    where = victim.snapshot_dir(disk, Path(me.metas[args.resource]))
     if args.what == "list":
-        snaps = victim.list_snapshots(disk)
+        snaps = victim.list_snapshots(disk, where)
         if args.json:
             print(json.dumps(snaps, indent=2))
         elif not snaps:
@@ -161,11 +163,11 @@ def _cmd_splitbrain(args: argparse.Namespace) -> int:
         if args.what == "export":
             if not args.out:
                 return _usage("splitbrain export needs --out FILE (a raw image)")
-            n = victim.export(disk, args.id, Path(args.out))
+            n = victim.export(disk, args.id, Path(args.out), where)
             print(f"{args.resource}: snapshot {args.id} exported to {args.out} ({n} bytes): "
                   f"the victim's disk as it was before the resync")
         else:
-            victim.drop(disk, args.id)
+            victim.drop(disk, args.id, where)
             print(f"{args.resource}: snapshot {args.id} deleted")
     except FileNotFoundError as e:
         print(f"rblock: {e}", file=sys.stderr)

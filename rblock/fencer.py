@@ -94,6 +94,9 @@ class Fencer:
                 if str(e) != self.last_error:
                     log.warning("etcd: %s", e)
                 self.last_error = str(e)
+            except Exception as e:  # noqa: BLE001 -- a bug must not end the lease for good
+                log.error("etcd lease keeper: %s", e, exc_info=True)
+                self.last_error = f"internal error: {e}"
             await asyncio.sleep(max(0.0, sent + interval - self._loop.time()))
 
     def _renewed(self, sent: float, ttl: int) -> None:
@@ -104,7 +107,7 @@ class Fencer:
         self._expiry = self._loop.call_at(self.deadline, self._expired)
         if not self.valid:
             self.valid = True
-            self._on_lease(True)
+            self._tell(True)
 
     def _expired(self) -> None:
         self._expiry = None
@@ -118,7 +121,14 @@ class Fencer:
             self._expiry = None
         if self.valid:
             self.valid = False
-            self._on_lease(False)
+            self._tell(False)
+
+    def _tell(self, valid: bool) -> None:
+        try:
+            self._on_lease(valid)
+        except Exception:  # noqa: BLE001 -- one resource's bug must not stop the others'
+            log.exception("a resource failed on hearing its lease is %s",
+                          "granted" if valid else "lost")
 
     def lease_valid(self) -> bool:
         return self.valid and self._loop.time() < self.deadline

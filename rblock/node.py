@@ -40,6 +40,7 @@ from rblock.replica.resource import Resource
 from rblock.replica.state import Conn, Role
 from rblock.replica.wire import LinkError
 from rblock.store.metadata import Metadata, MetadataError
+from rblock.store.victim import snapshot_dir
 from rblock.store.volume import FileVolume, create_image
 from rblock.units import format_hostport
 
@@ -127,6 +128,7 @@ class Node:
                              al_extents_max=res.al_extents))
             r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
             r.disk_path = Path(disk)
+            r.snapshot_dir = snapshot_dir(Path(disk), Path(meta_path))
             if self.fencer is not None:
                 r.lease_info = self._lease_info
             self.resources[res.name] = r

@@ -685,8 +685,9 @@ class SimNode:
     def emit(self, event: Event) -> None:
         self.world.on_event(self.name, event)
 
-    def victim_begin(self, info: dict) -> None:
+    def victim_begin(self, info: dict) -> bool:
         self.world.log(f"{self.name} is a split-brain victim: {info['decision']}")
+        return True
 
     def victim_end(self) -> None:
         pass
@@ -1398,7 +1399,12 @@ class World:
 
     def _first_promotion(self) -> None:
         a = self.nodes["alpha"]
-        fence = a.core.fence  # type: ignore[union-attr]
+        if self.promotions:
+            return
+        if not a.alive or a.core is None:
+            self.clock.at(0.05, self._first_promotion)  # (crashed first: after its restart)
+            return
+        fence = a.core.fence
         if fence is not None and not fence.lease_valid:
             self.clock.at(0.01, self._first_promotion)  # the lease first
             return
@@ -1407,7 +1413,11 @@ class World:
                 self._promoted(a, msg, exc)
                 if exc is not None and a.alive and self.promotions == 0:
                     self.clock.at(0.01, self._first_promotion)  # etcd did not answer
-            a.core.promote(True, done)  # type: ignore[union-attr]
+            try:
+                a.core.promote(True, done)  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001 -- refused (ResourceError): again later
+                self.log(f"first promotion refused: {e}")
+                self.clock.at(0.05, self._first_promotion)
         else:
             self.clock.at(0.01, self._first_promotion)
 

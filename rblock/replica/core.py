@@ -194,6 +194,7 @@ class ResourceCore(GuestIO, LinkHandshake, Sweeps, Apply, Commands, Fence):
         self._fence_waiters: list[Callable[[bool, str], None]] = []
         self._fence_promote: Callable[[bool, str], None] | None = None
         self._fence_demote: Callable[[str], None] | None = None
+        self._demoting = False  # a demotion is under way (commands do not overlap)
         self._peer_write_failed = False  # the peer failed to apply a write on this link
         self.promoted_at = 0.0  # unix time of the last promotion (the shell sets it from
         self.wall_clock: Callable[[], float] = time.time  # the superblock; the sim: its clock)

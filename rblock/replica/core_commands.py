@@ -244,6 +244,9 @@ class Commands:
             raise ResourceError(f"cannot promote {self.name} on {self.node}: {chk.reason}")
         if self._promoting:
             raise ResourceError(f"{self.name}: a promotion on {self.node} is already under way")
+        if self._demoting:
+            raise ResourceError(f"{self.name}: a demotion on {self.node} is under way; promote "
+                                f"once it is done")
         if self.role is _PRIMARY and not (force and self.disk is Disk.OUTDATED):
             done("already Primary", None)
             return
@@ -296,11 +299,13 @@ class Commands:
             self._promoting = False
             if self.link_is_up and self.peer_role is _PRIMARY:
                 self._persist(role_primary=False)
+                self._fence_release(lambda _note: None)  # the key taken for nothing
                 done("", ResourceError(f"cannot promote {self.name} on {self.node}: "
                                        f"{self.peer_node} became Primary meanwhile"))
                 return
             if not self.has_disk and not (self.link_is_up and self.phase in DECIDED
                                           and self.peer_disk is Disk.UPTODATE):
+                self._fence_release(lambda _note: None)
                 done("", ResourceError(f"cannot promote {self.name} on {self.node}: its disk "
                                        f"failed while promoting, and no connected peer has "
                                        f"an UpToDate disk"))
@@ -320,9 +325,20 @@ class Commands:
 
     def demote(self, done: Callable[[str, BaseException | None], None]) -> None:
         """The shell checks for NBD clients first (or cuts them off with --force)."""
+        if self._promoting:
+            raise ResourceError(f"{self.name}: a promotion on {self.node} is under way; "
+                                f"demote once it is done")
+        if self._demoting:
+            raise ResourceError(f"{self.name}: a demotion on {self.node} is already under way")
         if self.role is Role.SECONDARY:
             done("already Secondary", None)
             return
+        self._demoting = True
+        finish = done
+
+        def done(message: str, exc: BaseException | None) -> None:  # noqa: F811
+            self._demoting = False
+            finish(message, exc)
 
         def flushed(_token: Any, exc: BaseException | None) -> None:
             # Every write answered as Primary is durable on both nodes first.

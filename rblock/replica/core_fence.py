@@ -164,7 +164,14 @@ class Fence:
         if f is None:
             then("")
             return
-        self._fence_demote = then
+        earlier = self._fence_demote
+        if earlier is not None:  # (a failed promotion's release, still on its way)
+            def both(note: str, first: Callable[[str], None] = earlier) -> None:
+                first(note)
+                then(note)
+            self._fence_demote = both
+        else:
+            self._fence_demote = then
         self._fence_apply(f.step(Ev.DEMOTE))
 
     def fence_status(self) -> dict[str, Any] | None:

@@ -12,6 +12,8 @@ from rblock.replica.core_common import (
     _ESTABLISHED,
     _FAILED,
     _NO_DISK,
+    _NONE,
+    _PENDING,
     _PRIMARY,
     BITMAP_CHUNK_BYTES,
     DECIDED,
@@ -123,7 +125,19 @@ class LinkHandshake:
                 else:
                     self._fail_lost(lost, why)
             self._fence_wait(go)
-        self.link_drained()
+        if self._drain_waiters:
+            # Protocol A writes still in the link's buffer: on this copy alone now.
+            waiters = self._drain_waiters
+            self._drain_waiters = []
+
+            def drained(ok: bool, why: str) -> None:
+                for w in waiters:
+                    if w.peer is _PENDING:
+                        w.peer = _NONE
+                        if not ok:
+                            w.error = DeviceError(errno.EIO, why)
+                        self._maybe_complete(w)
+            self._fence_wait(drained)
         if self._invalidating is not None:
             self._invalidating()
         self._settle()
@@ -220,11 +234,18 @@ class LinkHandshake:
         elif d.sync in (Sync.FULL_SOURCE, Sync.FULL_TARGET) and bitmap is not None:
             bitmap.set_range(0, self.size_bytes)
         if d.sync in (Sync.BITMAP_TARGET, Sync.FULL_TARGET):
-            if d.rule.startswith(("discard-my-data", "after-sb")):
-                # This node loses a split brain: what the resync overwrites is kept.
-                self.fx.victim_begin({"peer": peer.node, "decision": str(d),
-                                      "generation": f"{local.gen.current:016X}",
-                                      "changed_blocks": local.out_of_sync_blocks})
+            if d.rule.startswith(("discard-my-data", "after-sb")) and not self.fx.victim_begin(
+                    {"peer": peer.node, "decision": str(d),
+                     "generation": f"{local.gen.current:016X}",
+                     "changed_blocks": local.out_of_sync_blocks}):
+                # This node loses a split brain, and what the resync would overwrite cannot
+                # be kept: no resync (the shell said why), the data stays as it is.
+                why = "the split-brain victim's blocks cannot be saved"
+                self.refusal = why
+                self._set("connection", Conn.STANDALONE)
+                self.fx.send_json(T.DISCONNECT, {"reason": why})
+                self.fx.close_link(why)
+                return
             self._begin_sync_target()
         elif d.sync in (Sync.BITMAP_SOURCE, Sync.FULL_SOURCE):
             self._set_phase(Phase.SYNC_SOURCE)
@@ -337,6 +358,7 @@ class LinkHandshake:
             self._stop_sweep()
             self._set_phase(Phase.ESTABLISHED)
         self._diverge_pending = f"{self.peer_node} lost its disk"
+        self._peer_write_failed = False  # it has no disk now: judged afresh when it attaches
         self._refresh()
 
     def _outdate_detached(self, then: Callable[[], None]) -> None:

@@ -121,10 +121,10 @@ class Effects(Protocol):
     def cancel_timer(self, name: str) -> None: ...
 
     # --- split brain ----------------------------------------------------------------------------
-    def victim_begin(self, info: dict) -> None:
+    def victim_begin(self, info: dict) -> bool:
         """This node loses a split brain: from now until `victim_end`, every block of its
         disk is saved before its first overwrite (rblock/store/victim.py). Synchronous:
-        in place before the resync's first write."""
+        in place before the resync's first write; False if it cannot be (no resync then)."""
 
     def victim_end(self) -> None:
         """The resync that began with `victim_begin` finished (no-op otherwise)."""

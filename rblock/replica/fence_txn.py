@@ -63,6 +63,11 @@ def build(kind: Txn, keys: Keys, node: str, peer: str, lease: int,
         return (mine, [op_put(keys.outdated(peer), record)], [op_get(keys.primary)])
     if kind is Txn.CLEAR:
         return (mine, [op_delete(keys.outdated(peer))], [op_get(keys.primary)])
+    if kind is Txn.CLEAR_FREE:
+        # The record this node wrote as Primary, deleted once the peer caught up with it
+        # (connected, UpToDate) after this node was demoted: only while nobody holds the key.
+        return ([cmp_absent(keys.primary)], [op_delete(keys.outdated(peer))],
+                [op_get(keys.primary)])
     return (mine, [op_delete(keys.primary)], [op_get(keys.primary)])
 
 
@@ -103,7 +108,7 @@ def interpret(kind: Txn, keys: Keys, node: str, lease: int, r: TxnResult,
         return Answer(Ev.REFUSED, holder=holder.value, outdated=outdated, reason=why)
     if r.succeeded:
         return Answer({Txn.OUTDATE: Ev.OUTDATED, Txn.CLEAR: Ev.CLEARED,
-                       Txn.RELEASE: Ev.RELEASED}[kind])
+                       Txn.CLEAR_FREE: Ev.CLEARED, Txn.RELEASE: Ev.RELEASED}[kind])
     primary = r.ranges[0] if r.ranges else []
     holder = primary[0].value if primary else ""
     why = (f"the primary key of {res} is held by {holder}" if holder and holder != node else

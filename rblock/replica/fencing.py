@@ -84,7 +84,8 @@ class Ev(enum.Enum):
 class Txn(enum.Enum):
     TAKE = "take"
     OUTDATE = "outdate"
-    CLEAR = "clear"
+    CLEAR = "clear"  # under this node's key
+    CLEAR_FREE = "clear-free"  # the record this node wrote, while nobody holds the key
     RELEASE = "release"
 
 
@@ -135,6 +136,10 @@ class Fencing:
         self.alone_needed = False  # Primary with writes that only this node would hold
         self.peer_uptodate = False  # peer connected, Established, UpToDate
         self.retry_pending = False
+        # Counts lease losses: a transaction's answer from before the last one (its lease is
+        # gone, and so is any key it took) does not make this node a holder.
+        self.lease_epoch = 0
+        self._txn_epoch = 0
         self.suspended_since: float | None = None
         self.suspended_why = ""
         self.last_reason = ""
@@ -172,6 +177,7 @@ class Fencing:
         """One event; the answer of a transaction for its events."""
         regained = False
         if ev in _ANSWERS:
+            assert self.inflight is not None, f"{ev.value} answers no transaction"
             self.inflight = None
             if ev is not Ev.UNREACHABLE:
                 regained, self.quorum = self.quorum is False, True
@@ -186,6 +192,9 @@ class Fencing:
             st.txn = self.next_txn()
         if st.txn is not None:
             self.inflight = st.txn
+            self._txn_epoch = self.lease_epoch
+            if st.txn is Txn.OUTDATE:
+                self.peer_record = True  # it may land even if its answer is lost
         closed = not self.gate_open()
         if closed and self.suspended_since is None:
             self.suspended_since = self.clock()
@@ -219,7 +228,12 @@ class Fencing:
             return None  # every transaction needs the lease (LEASE_GRANTED tries again)
         k = self.key
         if k is Key.RELEASING:
+            if self.peer_record and self.peer_uptodate:
+                self.peer_outdated = False
+                return Txn.CLEAR  # (still under the key) then the release
             return Txn.RELEASE
+        if k is Key.NONE and self.peer_record and self.peer_uptodate:
+            return Txn.CLEAR_FREE  # demoted before the resync ended: the record it wrote
         if k is Key.LOST:
             self.key = Key.RETAKING
             return Txn.TAKE
@@ -243,6 +257,10 @@ def _promote(f: Fencing, a: Answer) -> Step:
     if not f.lease_valid:
         f.last_reason = "this node has no etcd lease (etcd unreachable or without quorum)"
         return Step(promoted=False, reason=f.last_reason, rule="one-writer")
+    if f.inflight is not None:
+        return Step(promoted=False, reason=f"a fencing transaction ({f.inflight.value}) is on "
+                                           f"its way in etcd; try again in a moment",
+                    rule="one-writer")
     f.key = Key.TAKING
     return Step(txn=Txn.TAKE, rule="one-writer")
 
@@ -256,7 +274,7 @@ def _promote_ignoring(f: Fencing, a: Answer) -> Step:
 def _taken(f: Fencing, a: Answer) -> Step:
     """one-writer / promotion-after-death: the key is ours (if the lease ran out while the
     answer was on its way, it goes with the lease: taken back once there is one)."""
-    f.key = Key.HELD if f.lease_valid else Key.LOST
+    f.key = Key.HELD if f.lease_valid and f._txn_epoch == f.lease_epoch else Key.LOST
     f.holder = ""
     f.self_outdated = False
     f.peer_outdated = f.peer_record = f.peer in a.outdated
@@ -273,7 +291,8 @@ def _refused(f: Fencing, a: Answer) -> Step:
 
 
 def _unreachable_taking(f: Fencing, a: Answer) -> Step:
-    f.key = Key.NONE
+    """The TAKE may have landed with its answer lost: release whatever it took."""
+    f.key = Key.RELEASING
     return _unreachable(f, a, Step(promoted=False, reason=f"etcd unreachable: {a.reason}",
                                    rule="one-writer"))
 
@@ -284,7 +303,9 @@ def _unreachable(f: Fencing, a: Answer, st: Step | None = None) -> Step:
     if f.quorum is not False:
         st.events.append(("quorum-lost", a.reason))
     f.quorum = False
-    if f.key in (Key.HELD, Key.LOST, Key.RETAKING, Key.RELEASING) and not f.retry_pending:
+    retry = f.key in (Key.HELD, Key.LOST, Key.RETAKING, Key.RELEASING) or (
+        f.key is Key.NONE and f.peer_record)
+    if retry and not f.retry_pending:
         if f.key is Key.RETAKING:
             f.key = Key.LOST
         f.retry_pending = True
@@ -330,6 +351,7 @@ def _not_holder(f: Fencing, a: Answer) -> Step:
 def _lease_lost(f: Fencing, a: Answer) -> Step:
     """lease-lost: no single-copy write from now on; the key goes with the lease."""
     f.lease_valid = False
+    f.lease_epoch += 1
     st = Step(rule="lease-lost", events=[("lease-lost", "this node's etcd lease ran out")])
     if f.key in (Key.HELD, Key.RETAKING):
         f.key = Key.LOST
@@ -347,17 +369,22 @@ def _lease_granted(f: Fencing, a: Answer) -> Step:
 
 
 def _lease_lost_releasing(f: Fencing, a: Answer) -> Step:
-    """release-on-demote: the key goes with the lease."""
+    """release-on-demote: the lease ran out here, but etcd may still hold it (its deadline
+    is later; a new etcd leader extends it): the release is tried again when there is a
+    lease. The demotion itself is done."""
     f.lease_valid = False
-    f.key = Key.NONE
+    f.lease_epoch += 1
     st = Step(rule="release-on-demote", demoted=f._demote_waiting,
               events=[("lease-lost", "this node's etcd lease ran out")])
+    if f._demote_waiting:
+        st.reason = f"no etcd lease: the primary key of {f.resource} is released once it answers"
     f._demote_waiting = False
     return st
 
 
 def _lease_lost_facts(f: Fencing, a: Answer) -> Step:
     f.lease_valid = False
+    f.lease_epoch += 1
     return Step(rule="lease-lost", events=[("lease-lost", "this node's etcd lease ran out")])
 
 
@@ -371,6 +398,9 @@ def _retaken_refused(f: Fencing, a: Answer) -> Step:
 
 
 def _retaken(f: Fencing, a: Answer) -> Step:
+    if not f.lease_valid or f._txn_epoch != f.lease_epoch:
+        f.key = Key.LOST  # taken under a lease that is gone since: again, with the new one
+        return Step(rule="lease-lost")
     f.key = Key.HELD
     f.peer_outdated = f.peer_record = f.peer in a.outdated
     return Step(rule="lease-lost", events=[("lease-regained", "primary key taken back")])
@@ -388,6 +418,12 @@ def _demote(f: Fencing, a: Answer) -> Step:
         return Step(demoted=True, rule="release-on-demote",
                     reason=f"no etcd lease: the primary key of {f.resource} is released "
                            f"once etcd answers")
+    return Step(rule="release-on-demote")
+
+
+def _demote_again(f: Fencing, a: Answer) -> Step:
+    """A second demotion while the first one's release is on its way: it waits too."""
+    f._demote_waiting = True
     return Step(rule="release-on-demote")
 
 
@@ -432,11 +468,15 @@ TABLE: dict[tuple[Key, Ev], _Handler] = {
     (Key.RETAKING, Ev.DEMOTE): _demote,  # the TAKE's answer lands in RELEASING
     (Key.DEPOSED, Ev.DEMOTE): _demote,
     (Key.IGNORED, Ev.DEMOTE): _demote,
+    (Key.NONE, Ev.DEMOTE): _demote,
+    (Key.RELEASING, Ev.DEMOTE): _demote_again,
     (Key.RELEASING, Ev.RELEASED): _released,
     (Key.RELEASING, Ev.NOT_HOLDER): _released,  # not ours: nothing to release
     (Key.RELEASING, Ev.UNREACHABLE): _unreachable,
     (Key.RELEASING, Ev.RETRY): _retry,
     (Key.RELEASING, Ev.LEASE_LOST): _lease_lost_releasing,
+    (Key.NONE, Ev.CLEARED): _cleared,
+    (Key.NONE, Ev.NOT_HOLDER): _facts_only,  # someone holds the key: its holder clears
     # A TAKE or OUTDATE answered after the demotion: release what it took.
     (Key.RELEASING, Ev.TAKEN): _facts_only,
     (Key.RELEASING, Ev.REFUSED): _released,

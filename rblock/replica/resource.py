@@ -80,6 +80,7 @@ class Resource(BlockDevice):
         sb = meta.sb
         self._fencer = fencer
         self.disk_path: Path | None = None  # node.py: the backing disk (split-brain snapshots)
+        self.snapshot_dir: Path | None = None  # ... and where they go (None: beside it)
         self.lease_info: Callable[[], dict] | None = None  # node.py: the node's lease
         fence = None
         if cfg.fencing == "etcd":
@@ -116,9 +117,10 @@ class Resource(BlockDevice):
         assert meta is not None
         self.core.promoted_at = meta.sb.promoted_at
         if self.disk_path is not None:
-            info = unfinished(self.disk_path, self.name)
+            info = unfinished(self.disk_path, self.name, self.snapshot_dir)
             if info is not None:
-                self._wrap_saving(VictimSnapshot(self.disk_path, info, self.size_bytes))
+                self._wrap_saving(VictimSnapshot(self.disk_path, info, self.size_bytes,
+                                                 self.snapshot_dir))
                 log.warning("%s: the split-brain resync of snapshot %s did not finish: "
                             "saving goes on", self.name, info["id"])
         sb = meta.sb
@@ -472,27 +474,27 @@ class Resource(BlockDevice):
 
     # --- effects: split brain -------------------------------------------------------------------
 
-    def victim_begin(self, info: dict) -> None:
+    def victim_begin(self, info: dict) -> bool:
         if self.disk_path is None or self.volume is None:
-            log.error("%s: split-brain victim, but the disk's path is not known: what the "
-                      "resync overwrites is not saved", self.name)
-            return
+            log.error("%s: split-brain victim, but the disk is not known here: no resync",
+                      self.name)
+            return False
         if isinstance(self.volume, SavingDevice):
-            return  # (a resync interrupted and started again: the same snapshot goes on)
+            return True  # (a resync interrupted and started again: the snapshot goes on)
         try:
             snap = VictimSnapshot.create(self.disk_path, self.size_bytes, resource=self.name,
-                                         node=self.node, **info)
+                                         node=self.node, where=self.snapshot_dir, **info)
         except OSError as e:
-            log.error("%s: cannot create the split-brain snapshot beside %s (%s): dropping "
-                      "the link rather than overwriting the victim's blocks unsaved",
-                      self.name, self.disk_path, e)
-            self.close_link(f"split-brain snapshot failed: {e}")
-            return
+            log.error("%s: cannot create the split-brain snapshot in %s (%s): no resync, "
+                      "rather than overwrite the victim's blocks unsaved; free space there "
+                      "and connect again", self.name, self.snapshot_dir or self.disk_path, e)
+            return False
         self._wrap_saving(snap)
         log.warning("%s: %s loses the split brain (%s): every block the resync overwrites is "
                     "saved first in %s ('rblock splitbrain list %s')", self.name, self.node,
                     info["decision"], snap.img, self.name)
         self.emit(Event(self.name, "split-brain-victim", "", str(snap.img), info["decision"]))
+        return True
 
     def _wrap_saving(self, snap: VictimSnapshot) -> None:
         assert self.volume is not None

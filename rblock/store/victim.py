@@ -3,7 +3,8 @@
 the block's old content goes to a sparse snapshot file beside the disk. No anchor does this:
 DRBD, Ganeti and HAST throw the loser's writes away.
 
-Files, beside the backing disk DISK:
+Files, beside the backing disk DISK (for a block device: beside its metadata file, since
+/dev is in memory; `snapshot_dir`):
 
     DISK.splitbrain-N.img    sparse, the disk's size: each saved block at its own offset;
                              a block that was never saved is a hole
@@ -25,8 +26,10 @@ may have changed them on both nodes).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,32 +38,42 @@ from rblock.store.device import BlockDevice
 
 BLOCK = 4096
 EXPORT_CHUNK = 1 << 20
+SAVE_CHUNK = 1 << 20
 
 
-def _paths(disk: Path, sid: int) -> tuple[Path, Path]:
-    return (disk.with_name(f"{disk.name}.splitbrain-{sid}.img"),
-            disk.with_name(f"{disk.name}.splitbrain-{sid}.json"))
+def snapshot_dir(disk: Path, meta: Path) -> Path | None:
+    """Where DISK's snapshots go: None (beside it), or for a block device its metadata's
+    directory."""
+    try:
+        return meta.parent if stat.S_ISBLK(os.stat(disk).st_mode) else None
+    except OSError:
+        return None
 
 
-def list_snapshots(disk: Path) -> list[dict]:
-    """The index of every snapshot beside DISK, oldest first, with the bytes saved."""
+def _paths(disk: Path, sid: int, where: Path | None = None) -> tuple[Path, Path]:
+    d = where or disk.parent
+    return (d / f"{disk.name}.splitbrain-{sid}.img", d / f"{disk.name}.splitbrain-{sid}.json")
+
+
+def list_snapshots(disk: Path, where: Path | None = None) -> list[dict]:
+    """The index of every snapshot of DISK, oldest first, with the bytes saved."""
     out = []
-    for p in sorted(disk.parent.glob(f"{disk.name}.splitbrain-*.json")):
+    for p in sorted((where or disk.parent).glob(f"{disk.name}.splitbrain-*.json")):
         try:
             info = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        img = _paths(disk, int(info["id"]))[0]
+        img = _paths(disk, int(info["id"]), where)[0]
         info["saved_bytes"] = sum(n for _o, n in data_extents(img)) if img.exists() else 0
         info["image"] = str(img)
         out.append(info)
     return sorted(out, key=lambda i: int(i["id"]))
 
 
-def unfinished(disk: Path, resource: str) -> dict | None:
+def unfinished(disk: Path, resource: str, where: Path | None = None) -> dict | None:
     """The snapshot of a split-brain resync of RESOURCE that has not finished (it goes on
     after a restart, and so does saving)."""
-    for info in list_snapshots(disk):
+    for info in list_snapshots(disk, where):
         if info.get("resource") == resource and not info.get("finished"):
             return info
     return None
@@ -87,10 +100,11 @@ def data_extents(img: Path) -> Iterator[tuple[int, int]]:
 class VictimSnapshot:
     """An open snapshot: saves blocks before they are overwritten."""
 
-    def __init__(self, disk: Path, info: dict, size_bytes: int) -> None:
+    def __init__(self, disk: Path, info: dict, size_bytes: int,
+                 where: Path | None = None) -> None:
         self.disk = disk
         self.info = info
-        self.img, self.index = _paths(disk, int(info["id"]))
+        self.img, self.index = _paths(disk, int(info["id"]), where)
         self.fd = os.open(self.img, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, size_bytes)
         self.saved = bytearray((size_bytes // BLOCK + 7) // 8)
@@ -99,11 +113,12 @@ class VictimSnapshot:
                 self.saved[b >> 3] |= 1 << (b & 7)
 
     @classmethod
-    def create(cls, disk: Path, size_bytes: int, **info: object) -> VictimSnapshot:
-        ids = [int(i["id"]) for i in list_snapshots(disk)]
+    def create(cls, disk: Path, size_bytes: int, where: Path | None = None,
+               **info: object) -> VictimSnapshot:
+        ids = [int(i["id"]) for i in list_snapshots(disk, where)]
         sid = max(ids, default=0) + 1
         info = {"id": sid, "created": time.time(), "finished": False, **info}
-        snap = cls(disk, info, size_bytes)
+        snap = cls(disk, info, size_bytes, where)
         snap._write_index()
         return snap
 
@@ -130,15 +145,33 @@ class VictimSnapshot:
             if b is not None and b == prev + 1:
                 prev = b
                 continue
-            off, n = run_start * BLOCK, (prev - run_start + 1) * BLOCK
-            data = os.pread(disk_fd, n, off)
-            data += bytes(n - len(data))
-            os.pwrite(self.fd, data, off)
+            self._copy(disk_fd, run_start * BLOCK, (prev - run_start + 1) * BLOCK)
             if b is not None:
                 run_start = prev = b
         os.fdatasync(self.fd)
         for b in todo:
             self.saved[b >> 3] |= 1 << (b & 7)
+
+    def _copy(self, disk_fd: int, offset: int, length: int) -> None:
+        """Copy [offset, offset + length) of the disk into the image, a chunk at a time
+        (a guest's TRIM may span gigabytes); short reads and writes are retried, a read
+        that ends before the disk does is an error (never saved as zeroes)."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(SAVE_CHUNK, end - pos)
+            data = os.pread(disk_fd, n, pos)
+            if len(data) < n:
+                size = os.fstat(disk_fd).st_size if stat.S_ISREG(os.fstat(disk_fd).st_mode) \
+                    else end
+                if pos + len(data) < min(end, size):
+                    raise OSError(errno.EIO, f"short read of the disk at {pos + len(data)}")
+                data += bytes(n - len(data))  # past the end of a regular file: zeroes
+            view = memoryview(data)
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, view[done:], pos + done)
+            pos += n
 
     def finish(self) -> None:
         self.info["finished"] = True
@@ -201,13 +234,14 @@ class SavingDevice(BlockDevice):
         await self.inner.close()
 
 
-def export(disk: Path, sid: int, out: Path) -> int:
+def export(disk: Path, sid: int, out: Path, where: Path | None = None) -> int:
     """Write the victim's disk as it was before the resync to OUT; the bytes written."""
-    img, index = _paths(disk, sid)
+    img, index = _paths(disk, sid, where)
     if not index.exists():
         raise FileNotFoundError(f"no split-brain snapshot {sid} beside {disk}")
     saved = list(data_extents(img))
-    size = os.path.getsize(disk)
+    with open(disk, "rb") as f:
+        size = f.seek(0, os.SEEK_END)  # (a block device's size too)
     with open(disk, "rb") as src, open(img, "rb") as snap, open(out, "wb") as dst:
         pos = 0
         while pos < size:
@@ -223,8 +257,8 @@ def export(disk: Path, sid: int, out: Path) -> int:
     return size
 
 
-def drop(disk: Path, sid: int) -> None:
-    img, index = _paths(disk, sid)
+def drop(disk: Path, sid: int, where: Path | None = None) -> None:
+    img, index = _paths(disk, sid, where)
     if not index.exists():
         raise FileNotFoundError(f"no split-brain snapshot {sid} beside {disk}")
     img.unlink(missing_ok=True)
