@@ -286,3 +286,23 @@ def test_io_error_fails_single_copy_writes_when_etcd_is_gone(cluster, etcd1):
     finally:
         cut.restore()
     w.stop(check=False)
+
+
+def test_ignore_fencing_is_the_only_way_without_etcd(cluster, etcd1):
+    """etcd gone for good: promotion is refused (even with --force), and --ignore-fencing
+    promotes, loudly."""
+    c = fenced_cluster(cluster, etcd1)
+    c.rblock("alpha", "secondary", "r0")
+    etcd1.stop()
+    c.wait(lambda: fencing(c, "beta")["lease"] is False, timeout_s=3 * TTL_S + 5,
+           what="beta's lease runs out")
+    ok, out = promote(c, "beta")
+    assert not ok and "no etcd lease" in out, out
+    res = c.rblock("beta", "primary", "r0", "--force", check=False)
+    assert res.returncode != 0 and "no etcd lease" in res.stderr, res.stderr
+    c.rblock("beta", "primary", "r0", "--ignore-fencing")
+    f = fencing(c, "beta")
+    assert c.res("beta")["role"] == "Primary" and f["primary_key"] == "ignored", f
+    assert "WITH FENCING IGNORED" in c.log("beta")
+    c.rblock("beta", "secondary", "r0")
+    assert fencing(c, "beta")["primary_key"] == "none"
