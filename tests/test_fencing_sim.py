@@ -206,3 +206,40 @@ def test_every_transition_names_its_rule():
         f.key, f.lease_valid = key, True
         st = handler(f, Answer(ev, reason="why", holder="beta"))
         assert st.rule, (key, ev)
+
+
+def test_a_demoted_node_clears_its_record_once_the_peer_caught_up():
+    f, _ = _primary()
+    f.set_facts(alone_needed=True, peer_uptodate=False)
+    f.step(Ev.OUTDATED, Answer(Ev.OUTDATED))
+    assert f.step(Ev.DEMOTE).txn is Txn.RELEASE  # the peer is not back: the record stays
+    assert f.step(Ev.RELEASED, Answer(Ev.RELEASED)).demoted and f.key is Key.NONE
+    assert f.set_facts(alone_needed=False, peer_uptodate=True).txn is Txn.CLEAR_FREE
+    st = f.step(Ev.NOT_HOLDER, Answer(Ev.NOT_HOLDER, holder="alpha"))
+    assert st.txn is None and st.retry_s  # held (an earlier lease): later, not at once
+    assert f.step(Ev.RETRY).txn is Txn.CLEAR_FREE
+    f.step(Ev.CLEARED, Answer(Ev.CLEARED))
+    assert not f.peer_record and f.next_txn() is None
+
+
+def test_lease_lost_while_taking_does_not_make_a_holder():
+    f = Fencing("r0", "alpha", "beta", "suspend-io", lambda: 0.0)
+    f.step(Ev.LEASE_GRANTED)
+    f.step(Ev.PROMOTE)
+    f.step(Ev.LEASE_LOST)
+    f.step(Ev.LEASE_GRANTED)  # a new lease: the TAKE's key went with the old one
+    st = f.step(Ev.TAKEN, Answer(Ev.TAKEN))
+    assert st.promoted and f.key is Key.RETAKING and st.txn is Txn.TAKE
+
+
+def test_promote_waits_for_a_transaction_in_flight():
+    f, _ = _primary()
+    f.set_facts(alone_needed=True, peer_uptodate=False)  # OUTDATE on its way
+    f.step(Ev.DEMOTE)
+    f.step(Ev.OUTDATED, Answer(Ev.OUTDATED))  # then RELEASE
+    assert f.inflight is Txn.RELEASE
+    st = f.step(Ev.PROMOTE)  # (the core refuses it before: "its primary key is releasing")
+    assert st.promoted is None and st.txn is None and f.key is Key.RELEASING
+    f.key = Key.NONE  # as if released, the RELEASE still on its way
+    st = f.step(Ev.PROMOTE)
+    assert st.promoted is False and "on its way" in st.reason and f.inflight is Txn.RELEASE

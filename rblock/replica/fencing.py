@@ -143,7 +143,6 @@ class Fencing:
         self.suspended_since: float | None = None
         self.suspended_why = ""
         self.last_reason = ""
-        self._promote_waiting = False
         self._demote_waiting = False
 
     # --- what the core asks -------------------------------------------------------------------
@@ -427,6 +426,13 @@ def _demote_again(f: Fencing, a: Answer) -> Step:
     return Step(rule="release-on-demote")
 
 
+def _not_free(f: Fencing, a: Answer) -> Step:
+    """clear-free refused: the key is held (an earlier run's lease of this node, still
+    alive): again in a while, not at once."""
+    f.retry_pending = True
+    return Step(rule="outdated-cleared-by-resync", retry_s=RETRY_S)
+
+
 def _released(f: Fencing, a: Answer) -> Step:
     f.key = Key.NONE
     st = Step(rule="release-on-demote", demoted=f._demote_waiting)
@@ -476,7 +482,7 @@ TABLE: dict[tuple[Key, Ev], _Handler] = {
     (Key.RELEASING, Ev.RETRY): _retry,
     (Key.RELEASING, Ev.LEASE_LOST): _lease_lost_releasing,
     (Key.NONE, Ev.CLEARED): _cleared,
-    (Key.NONE, Ev.NOT_HOLDER): _facts_only,  # someone holds the key: its holder clears
+    (Key.NONE, Ev.NOT_HOLDER): _not_free,
     # A TAKE or OUTDATE answered after the demotion: release what it took.
     (Key.RELEASING, Ev.TAKEN): _facts_only,
     (Key.RELEASING, Ev.REFUSED): _released,
