@@ -722,6 +722,7 @@ class GuestWrite:
     fua: bool
     node: str
     acked: bool = False
+    at: float = 0.0  # submitted (virtual time)
 
 
 class World:
@@ -776,6 +777,7 @@ class World:
         self.refusals = 0
         self.single_copy_acks = 0
         self._demoting: dict[str, bool] = {}
+        self.crashed_at: dict[str, float] = {}
 
     # --- log -----------------------------------------------------------------------------------
 
@@ -946,7 +948,8 @@ class World:
             return
         wid = self.next_wid
         self.next_wid += 1
-        w = GuestWrite(wid, first, len(blocks), self.rng.random() < 0.1, p.name)
+        w = GuestWrite(wid, first, len(blocks), self.rng.random() < 0.1, p.name,
+                       at=self.clock.now)
         self.writes[wid] = w
         for b in blocks:
             self.history.setdefault(b, []).append(wid)
@@ -1084,9 +1087,11 @@ class World:
                 self.fail(f"write {w.wid} acknowledged, block {b} not on primary {p.name}")
             if peer.alive and self._holds(peer, b, w.wid):
                 continue
-            if self.fencing:
+            if self.fencing and (peer.alive or w.at > self.crashed_at.get(peer.name, -1.0)):
                 # Rule no-ack-lost: on this copy only, so the peer is recorded Outdated
-                # (or its disk says it is not good data).
+                # (or its disk says it is not good data). (A write sent before the peer's
+                # power cut may have been confirmed by it and lost with its page cache:
+                # rule peer-durable's business, below.)
                 self.single_copy_acks += 1
                 if (not self.etcd.outdated(peer.name)
                         and self.persisted_disk_state(peer) == "uptodate"):
@@ -1218,6 +1223,7 @@ class World:
             if node == name:  # never answered: the guest died with its host
                 self._op_end(op)
         before = {b: wid_in(n.disk.content(b)) for b in self.history}
+        self.crashed_at[name] = self.clock.now
         n.crash()
         old = self.side_link.pop(name, None)
         if old is not None:
@@ -1396,6 +1402,17 @@ class World:
         self.connect()
         # The first promotion of fresh data (create-md on both, then primary --force).
         self.clock.at(0.01, self._first_promotion)
+        if self.fencing:
+            self.clock.at(1.0, self._first_promotion_watch)
+
+    def _first_promotion_watch(self) -> None:
+        """A crash in the middle of the first promotion answers nobody: try again."""
+        if self.promotions:
+            return
+        a = self.nodes["alpha"]
+        if a.alive and a.core is not None and not a.core._promoting:
+            self._first_promotion()
+        self.clock.at(1.0, self._first_promotion_watch)
 
     def _first_promotion(self) -> None:
         a = self.nodes["alpha"]

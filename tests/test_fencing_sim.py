@@ -28,14 +28,25 @@ from tests.simulation import World
 RUN_S = float(os.environ.get("RBLOCK_SIM_SECONDS", "8"))
 EXAMPLES = int(os.environ.get("RBLOCK_SIM_EXAMPLES", "150"))
 
+# seed -> (virtual seconds of the run that failed, the bug it found)
 REGRESSION_SEEDS = {
-    9: "a write acknowledged while the resync had already sent its block to the target "
-       "(the check now knows an Inconsistent target is no copy yet)",
-    19: "a link that came up but had not decided yet opened the gate: writes lost with the "
-        "old link were acknowledged on one copy",
-    24: "the first promotion found etcd unreachable and was never tried again (simulator)",
-    28: "a CLEAR whose answer was lost after etcd applied it: the primary still took the "
-        "peer for Outdated and acknowledged writes on its copy alone",
+    9: (20.0, "a write acknowledged while the resync had already sent its block to the "
+              "target (the check now knows an Inconsistent target is no copy yet)"),
+    19: (20.0, "a link that came up but had not decided yet opened the gate: writes lost "
+               "with the old link were acknowledged on one copy"),
+    24: (20.0, "the first promotion found etcd unreachable and was never tried again "
+               "(simulator)"),
+    28: (20.0, "a CLEAR whose answer was lost after etcd applied it: the primary still took "
+               "the peer for Outdated and acknowledged writes on its copy alone"),
+    1052: (12.0, "a write the peer confirmed just before its power cut is rule "
+                 "peer-durable's business, not a single-copy acknowledgment (simulator)"),
+    1207: (12.0, "a crash in the middle of the first promotion answered nobody (simulator)"),
+    1219: (12.0, "a former primary that crashed again as Secondary still carried the crashed "
+                 "primary mark (role_primary was never cleared after its resync) and became "
+                 "the resync source of the newly promoted Primary, overwriting acknowledged "
+                 "writes"),
+    1230: (12.0, "a write that passed the gate before the lease ran out was acknowledged "
+                 "after it: the gate is now checked at the acknowledgment itself"),
 }
 
 
@@ -48,7 +59,7 @@ def _quiet_core_logs():
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
 def test_regression_seed(seed):
-    World(seed, fencing=True, disk_faults=False).run(20.0)
+    World(seed, fencing=True, disk_faults=False).run(REGRESSION_SEEDS[seed][0])
 
 
 @settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,

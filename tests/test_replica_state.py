@@ -308,3 +308,15 @@ def test_each_policy_with_its_rule():
                p0("discard-least-changes", "consensus"))
     assert d.sync is Sync.SPLIT_BRAIN
     assert decide(_sb("alpha", 0), _sb("beta", 5)).sync is Sync.SPLIT_BRAIN  # off by default
+
+
+def test_a_primary_wins_over_a_crashed_former_primary():
+    """Seed 1219 of the fencing simulator: the crashed former primary (now Secondary) must
+    not overwrite the Primary promoted meanwhile on the same generation."""
+    g = Generation(0x30003, 0, (0x20002,))
+    crashed = Side("alpha", g, Disk.UPTODATE, Role.SECONDARY, True, 8)
+    primary = Side("beta", g, Disk.UPTODATE, Role.PRIMARY, False, 3)
+    assert decide(primary, crashed).sync is Sync.BITMAP_SOURCE
+    assert decide(crashed, primary).sync is Sync.BITMAP_TARGET
+    both_secondary = Side("beta", g, Disk.UPTODATE, Role.SECONDARY, False, 3)
+    assert decide(crashed, both_secondary).sync is Sync.BITMAP_SOURCE  # as in DRBD

@@ -105,6 +105,7 @@ class GuestWrite:
     error: BaseException | None = None
     disk_gen: int = -1  # which attachment of the local disk took the local write
     peer_counts: bool = False  # sent to a peer whose disk was UpToDate: its copy is good data
+    alone: bool = False  # written with no peer to replicate to (fencing checks it at the ack)
 
 
 @dataclass(eq=False)

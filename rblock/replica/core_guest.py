@@ -233,6 +233,7 @@ class GuestIO:
             if self.fence is not None and self._fence_holds(w):
                 return  # rule no-ack-lost: the peer is not recorded Outdated yet
             w.peer = _NONE
+            w.alone = True
             if self._diverge_pending or self._diverging:
                 self._diverge(lambda: self._route(w))
                 return
@@ -341,6 +342,14 @@ class GuestIO:
                 exc = DeviceError(errno.EIO, f"{self.name}: {self.peer_node} did not confirm "
                                              f"a write at {w.offset} and the disk on "
                                              f"{self.node} is {self.disk.value}")
+            elif (self.fence is not None and (w.alone or w.peer is _FAILED)
+                  and not self.fence.single_copy_ok()):
+                # Rule no-ack-lost / lease-lost, checked at the acknowledgment itself: the
+                # gate was open when the write went to the disk, not any more.
+                self._fence_wait(lambda ok, why: self._finish_write(
+                    w, None if ok else DeviceError(errno.EIO, why))
+                    if w.wid in self._writes else None)
+                return
         self._finish_write(w, exc)
 
     def _fail_write(self, w: GuestWrite, message: str) -> None:

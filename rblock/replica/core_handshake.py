@@ -121,7 +121,11 @@ class LinkHandshake:
             # generation is durable (rule new-generation).
             def go(ok: bool, why: str) -> None:
                 if ok:
-                    self._diverge(lambda: _complete_all(lost))
+                    # Checked again once the generation is durable: the lease may have run
+                    # out meanwhile (rule lease-lost holds at the acknowledgment).
+                    self._diverge(lambda: self._fence_wait(
+                        lambda ok2, why2: _complete_all(lost) if ok2
+                        else self._fail_lost(lost, why2)))
                 else:
                     self._fail_lost(lost, why)
             self._fence_wait(go)
@@ -258,7 +262,9 @@ class LinkHandshake:
                 f"{d} with {local.out_of_sync_blocks} + {peer.out_of_sync_blocks} blocks " \
                 f"out of sync"
             self._set_phase(Phase.ESTABLISHED)
-            self.crashed_primary = False
+            if self.crashed_primary:
+                self.crashed_primary = False
+                self._persist(role_primary=self.role is _PRIMARY)
             self._catch_up(peer)
         elif d.sync is Sync.DISKLESS:
             if not self.has_disk and not self._may_use(peer):

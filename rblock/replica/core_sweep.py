@@ -255,7 +255,9 @@ class Sweeps:
         self._set_phase(Phase.ESTABLISHED)
         self.fx.emit(Event(self.name, "sync-done", "", "source"))
         log.info("%s: resync to %s finished", self.name, self.peer_node)
-        self._persist(lambda: self._flush_bitmap())
+        # role_primary too: a crashed primary's mark ends with this resync, or a later crash
+        # of this node (as Secondary) would make it the "crashed primary" source again.
+        self._persist(lambda: self._flush_bitmap(), role_primary=self.role is _PRIMARY)
 
     # --- verify -------------------------------------------------------------------------------
 

@@ -229,6 +229,12 @@ def _same_current(a: Side, b: Side) -> Sync | None:
         # its primary): the UpToDate one is the source, whoever is Primary.
         return _source_if(a.disk is Disk.UPTODATE, bitmap=True)
     if a.crashed_primary != b.crashed_primary:
+        if a.role != b.role and Role.PRIMARY in (a.role, b.role):
+            # A Primary now (promoted while the crashed one was away, with fencing's
+            # consent) holds acknowledged writes; the crashed one's extra blocks were never
+            # acknowledged beyond what it replicated: the Primary is the source (its bitmap
+            # and the crashed node's activity log, merged, cover every difference).
+            return _source_if(a.role is Role.PRIMARY, bitmap=True)
         # The crashed primary may hold writes that never reached the peer (its activity log
         # extents): it is the source, as in DRBD.
         return _source_if(a.crashed_primary, bitmap=True)
