@@ -86,7 +86,7 @@ def run(*cmd: str | Path, check: bool = True, show_as: list[str] | None = None,
 
 
 class DemoCluster:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, prelude: str = ""):
         self.dir = workdir.resolve()
         self.config_path = self.dir / EXAMPLE.name
         self.procs: dict[str, subprocess.Popen] = {}
@@ -94,7 +94,8 @@ class DemoCluster:
         if self.dir.exists():
             shutil.rmtree(self.dir)  # fresh disks and metadata every run
         self.dir.mkdir(parents=True)
-        self.config_path.write_text(_with_free_ports(EXAMPLE.read_text()))
+        # PRELUDE: text before the example's tables (a [cluster] table, say).
+        self.config_path.write_text(prelude + _with_free_ports(EXAMPLE.read_text()))
         self.cfg = rconfig.load(self.config_path)
 
     # --- files and addresses ----------------------------------------------------------------
@@ -208,10 +209,10 @@ class DemoCluster:
 
 
 @contextmanager
-def cluster(workdir: Path) -> Iterator[DemoCluster]:
+def cluster(workdir: Path, prelude: str = "") -> Iterator[DemoCluster]:
     """A fresh DemoCluster in WORKDIR; its nodes are stopped by PID when the block ends,
     however it ends (an error, SystemExit, Ctrl-C), unless `keep()` was called."""
-    c = DemoCluster(workdir)
+    c = DemoCluster(workdir, prelude)
     try:
         yield c
     finally:

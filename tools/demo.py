@@ -12,6 +12,9 @@ One function per stage, run in order by main():
    refused a second start on beta, moves it to beta (where it reads back what it wrote on
    alpha) and stops it. Needs root (mount namespaces); skipped with the reason otherwise.
 4. `stage_stop(c)`: SIGTERM to both daemons, their exit status and last log lines.
+5. `stage_fencing()`: a one-member etcd and a fresh fenced cluster: alpha Primary, killed
+   (SIGKILL); beta's promotion is refused while alpha's lease lives, then succeeds; the time
+   from the kill to the promotion is printed.
 
 Stages that need the cluster take it as an argument and leave it running, so a later stage
 slots in before `stage_stop` (a libvirt guest on the primary's export, say). `--keep` leaves
@@ -22,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools` as a package
@@ -40,6 +46,7 @@ from tools.cluster_demo import (  # noqa: E402 -- after the path fix above
     shown,
     step,
 )
+from tools.procs import stop_by_pid  # noqa: E402 -- after the path fix
 
 WORK = REPO / "build" / "demo"
 GUEST_DIR = REPO / "build" / "guest"  # built once from Debian's packages, reused afterwards
@@ -269,6 +276,70 @@ def stage_stop(c: DemoCluster) -> None:
           "verify, invalidate, split brain, TLS.")
 
 
+def stage_fencing() -> None:
+    step("Fencing through etcd: a one-member etcd, a fresh cluster with [cluster] etcd = [...]")
+    etcd_dir = WORK / "etcd"
+    if etcd_dir.exists():
+        shutil.rmtree(etcd_dir)
+    etcd_dir.mkdir(parents=True)
+    client, peer = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{client}"
+    argv = ["etcd", "--name", "demo", "--data-dir", str(etcd_dir / "data"),
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"demo=http://127.0.0.1:{peer}"]
+    print("$ " + " ".join(shown(a) for a in argv) + f" 2>{shown(etcd_dir / 'etcd.log')} &")
+    with (etcd_dir / "etcd.log").open("wb") as log:
+        etcd = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _etcd_healthy(url):
+            if time.monotonic() > deadline or etcd.poll() is not None:
+                sys.exit(f"etcd did not start:\n{(etcd_dir / 'etcd.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        prelude = f'[cluster]\netcd = ["{url}"]    # lease_ttl_s = 5 (the default)\n\n'
+        with cluster(WORK / "fenced", prelude) as c:
+            print(f"# {shown(c.config_path)} starts with:\n" + prelude.rstrip())
+            c.create_md()
+            c.up("alpha")
+            c.up("beta")
+            c.wait_connected()
+            c.rblock("alpha", "primary", RESOURCE, "--force")
+            c.wait_synced()
+            c.rblock("alpha", "status")
+            step("alpha dies (SIGKILL): beta may be promoted only once alpha's lease expires")
+            pid = c.procs["alpha"].pid
+            c.stop("alpha", signal.SIGKILL)
+            killed = time.monotonic()
+            print(f"$ kill -KILL {pid}    # alpha")
+            c.rblock("beta", "primary", RESOURCE, check=False)
+            while c.rblock("beta", "primary", RESOURCE, quiet=True, check=False).returncode:
+                if time.monotonic() - killed > 30:
+                    sys.exit("beta was not promoted within 30 s of alpha's death")
+                time.sleep(0.1)
+            print(f"beta promoted {time.monotonic() - killed:.1f} s after alpha was killed "
+                  f"(the lease expired; every write alpha acknowledged is on beta)")
+            c.rblock("beta", "status")
+    finally:
+        stop_by_pid(etcd, signal.SIGTERM, 10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _etcd_healthy(url: str) -> bool:
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"{url}/health", timeout=1) as r:
+            return b'"true"' in r.read()
+    except OSError:
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--keep", action="store_true",
@@ -287,6 +358,8 @@ def main() -> int:
             c.keep()
         else:
             stage_stop(c)
+    if not args.keep:
+        stage_fencing()
     print(f"\ndemo done in {time.monotonic() - started:.0f}s")
     return 0
 

@@ -96,15 +96,15 @@ def interpret(kind: Txn, keys: Keys, node: str, lease: int, r: TxnResult,
                                  f"misses writes acknowledged while it was away; connect it "
                                  f"to the primary and let the resync finish")
         assert holder is not None
-        left = (f", its lease has {lease_left_s:.0f} s left" if lease_left_s is not None
+        left = (f", whose lease has {lease_left_s:.0f} s left" if lease_left_s is not None
                 and lease_left_s >= 0 else "")
         if holder.value == node:
             why = (f"the primary key of {res} in etcd is held by an earlier run of {node} "
                    f"(lease {holder.lease:x}{left}); promote once it has expired")
         else:
-            why = (f"the primary key of {res} in etcd is held by {holder.value}, which is "
-                   f"alive{left}; demote it first, or wait until its lease expires if it "
-                   f"is down")
+            why = (f"the primary key of {res} in etcd is held by {holder.value}{left} (it "
+                   f"is alive, or died less than a lease ago); demote it first, or wait "
+                   f"until its lease expires if it is down")
         return Answer(Ev.REFUSED, holder=holder.value, outdated=outdated, reason=why)
     if r.succeeded:
         return Answer({Txn.OUTDATE: Ev.OUTDATED, Txn.CLEAR: Ev.CLEARED,
