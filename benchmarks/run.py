@@ -25,12 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # tools/, when run as a script
+from tools import etcd_local  # noqa: E402
+
 HOST = "127.0.0.1"
 EXPORT_NAME = "bench"
 DEFAULT_RUNTIME_S = 10
@@ -417,26 +419,13 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
 
 def start_etcd(directory: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """A one-member etcd with its data in DIRECTORY; (process, client URL)."""
-    client, peer = free_port(), free_port()
-    url = f"http://{HOST}:{client}"
+    argv, url = etcd_local.member_argv("bench", directory / "etcd")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            ["etcd", "--name", "bench", "--data-dir", str(directory / "etcd"),
-             "--listen-client-urls", url, "--advertise-client-urls", url,
-             "--listen-peer-urls", f"http://{HOST}:{peer}",
-             "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
-             "--initial-cluster", f"bench=http://{HOST}:{peer}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if json.load(r).get("health") == "true":
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(PROBE_INTERVAL_S)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    if etcd_local.wait_healthy(proc, url, SERVER_READY_TIMEOUT_S):
+        return proc, url
+    stop_server(RunningServer("etcd", proc, log_path, ""))
     raise BenchError(f"etcd not healthy after {SERVER_READY_TIMEOUT_S} s\n    "
                      f"{log_tail(log_path)}")
 

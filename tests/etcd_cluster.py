@@ -13,16 +13,15 @@ still reaches it. Members are started and stopped by PID.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import ssl
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 from tests.cluster import free_ports
+from tools.etcd_local import healthy
 from tools.procs import stop_by_pid
 
 ETCD = shutil.which("etcd")
@@ -79,17 +78,12 @@ class EtcdCluster:
         self.wait_healthy()
 
     def healthy(self, i: int) -> bool:
-        url = f"{self.scheme}://127.0.0.1:{self.ports[self.clients[0]][i]}/health"
         ctx = None
         if self.tls:
             cert, key, ca = self.tls
             ctx = ssl.create_default_context(cafile=str(ca))
             ctx.load_cert_chain(str(cert), str(key))
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
-                return json.load(r).get("health") == "true"
-        except OSError:
-            return False
+        return healthy(f"{self.scheme}://127.0.0.1:{self.ports[self.clients[0]][i]}", ctx)
 
     def wait_healthy(self, members: list[int] | None = None) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

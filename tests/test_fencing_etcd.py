@@ -46,6 +46,12 @@ def fenced_cluster(cluster, e: EtcdCluster, **kw):
     return c
 
 
+def link_cut(c, *more_ports: int) -> LinkCut:
+    """The replication link between the nodes (and MORE_PORTS: a node's etcd ports)."""
+    return LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"],
+                    *more_ports])
+
+
 def fencing(c, node: str) -> dict:
     return c.res(node)["fencing"]
 
@@ -89,7 +95,7 @@ def test_link_cut_records_peer_outdated_then_resync_clears_it(cluster, etcd1):
         pytest.skip(why)
     c = fenced_cluster(cluster, etcd1)
     w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=8).start()
-    cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"]])
+    cut = link_cut(c)
     try:
         c.wait(lambda: w.acked_count > 200, what="writes before the cut")
         cut.cut()
@@ -139,8 +145,7 @@ def test_primary_isolated_from_peer_and_etcd(cluster, etcd1):
         pytest.skip(why)
     c = fenced_cluster(cluster, etcd1)
     w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=8).start()
-    cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"],
-                   *etcd1.client_ports("alpha")])
+    cut = link_cut(c, *etcd1.client_ports("alpha"))
     try:
         c.wait(lambda: w.acked_count > 300, what="writes before the cut")
         cut.cut()
@@ -190,7 +195,7 @@ def test_rblock_events_carry_fencing_events(cluster, etcd1):
     ev = subprocess.Popen([sys.executable, "-m", "rblock", "events", "--json", "--config",
                            str(c.configs["alpha"]), "--node", "alpha"],
                           stdout=subprocess.PIPE, text=True, cwd=REPO)
-    cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"]])
+    cut = link_cut(c)
     try:
         time.sleep(0.5)
         w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=4).start()
@@ -235,7 +240,7 @@ def test_etcd_members_stopped_one_by_one(cluster, tmp_path):
                what="the lease runs out without a quorum")
         n = w.acked_count
         c.wait(lambda: w.acked_count > n + 300, what="writes go on with the peer connected")
-        cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"]])
+        cut = link_cut(c)
         try:
             cut.cut()
             t_cut = time.monotonic()
@@ -270,8 +275,7 @@ def test_io_error_fails_single_copy_writes_when_etcd_is_gone(cluster, etcd1):
         pytest.skip(why)
     c = fenced_cluster(cluster, etcd1, extra_resource='on_no_quorum = "io-error"\n')
     w = AckedWriter(c.nbd_uri("alpha"), W_FIRST, W_BLOCKS, depth=4).start()
-    cut = LinkCut([c.ports["alpha"]["replication"], c.ports["beta"]["replication"],
-                   *etcd1.client_ports("alpha")])
+    cut = link_cut(c, *etcd1.client_ports("alpha"))
     try:
         c.wait(lambda: w.acked_count > 100, what="writes before the cut")
         cut.cut()

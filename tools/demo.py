@@ -27,15 +27,14 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools` as a package
 
+from tools import etcd_local  # noqa: E402 -- after the path fix
 from tools.build_guest import GuestImage, build_guest  # noqa: E402 -- after the path fix
 from tools.cluster_demo import (  # noqa: E402 -- after the path fix above
     REPO,
@@ -282,22 +281,13 @@ def stage_fencing() -> None:
     if etcd_dir.exists():
         shutil.rmtree(etcd_dir)
     etcd_dir.mkdir(parents=True)
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    argv = ["etcd", "--name", "demo", "--data-dir", str(etcd_dir / "data"),
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"demo=http://127.0.0.1:{peer}"]
+    argv, url = etcd_local.member_argv("demo", etcd_dir / "data")
     print("$ " + " ".join(shown(a) for a in argv) + f" 2>{shown(etcd_dir / 'etcd.log')} &")
     with (etcd_dir / "etcd.log").open("wb") as log:
         etcd = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _etcd_healthy(url):
-            if time.monotonic() > deadline or etcd.poll() is not None:
-                sys.exit(f"etcd did not start:\n{(etcd_dir / 'etcd.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        if not etcd_local.wait_healthy(etcd, url, START_TIMEOUT_S):
+            sys.exit(f"etcd did not start:\n{(etcd_dir / 'etcd.log').read_text()[-2000:]}")
         prelude = f'[cluster]\netcd = ["{url}"]    # lease_ttl_s = 5 (the default)\n\n'
         with cluster(WORK / "fenced", prelude) as c:
             print(f"# {shown(c.config_path)} starts with:\n" + prelude.rstrip())
@@ -323,21 +313,6 @@ def stage_fencing() -> None:
             c.rblock("beta", "status")
     finally:
         stop_by_pid(etcd, signal.SIGTERM, 10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _etcd_healthy(url: str) -> bool:
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                f"{url}/health", timeout=1) as r:
-            return b'"true"' in r.read()
-    except OSError:
-        return False
 
 
 def main() -> int:

@@ -80,8 +80,7 @@ class Fence:
         primary = self.role is _PRIMARY
         alone_ok = primary and f.single_copy_ok()
         fail = not primary or f.fail_single_copy()
-        why = (f"{self.name}: I/O suspended on {self.node} ({f.suspended_why or f.last_reason})"
-               f" and on_no_quorum = \"io-error\"" if primary else
+        why = (self._io_error_why() if primary else
                f"{self.name}: {self.node} was demoted while the write waited for fencing")
         if alone_ok or (primary and f.peer_uptodate) or fail:
             waiters, self._fence_waiters = self._fence_waiters, []
@@ -95,15 +94,19 @@ class Fence:
                 else:
                     self._fail_write(w, why)
 
+    def _io_error_why(self) -> str:
+        f = self.fence
+        assert f is not None
+        return (f"{self.name}: I/O suspended on {self.node} ({f.suspended_why or f.last_reason})"
+                f" and on_no_quorum = \"io-error\"")
+
     def _fence_holds(self, w: GuestWrite) -> bool:
         """Rule no-ack-lost: hold W, which only this node would hold, if it may not go now."""
         f = self.fence
         if f is None or f.single_copy_ok():
             return False
         if f.fail_single_copy():
-            self._fail_write(w, f"{self.name}: I/O suspended on {self.node} "
-                                f"({f.suspended_why or f.last_reason}) and on_no_quorum = "
-                                f"\"io-error\"")
+            self._fail_write(w, self._io_error_why())
             return True
         self._fence_held.append(w)
         if not f.alone_needed:

@@ -33,7 +33,7 @@ from rblock.replica.fencing import Answer, Fencing, Txn
 from rblock.replica.link import PeerLink
 from rblock.replica.state import DISK_PERSISTED, PERSISTED_DISK, Conn, Disk, Generation, Role
 from rblock.replica.wire import Frame, T
-from rblock.store.device import BlockDevice, Capabilities, DeviceError
+from rblock.store.device import BlockDevice, Capabilities, DeviceError, FilterDevice
 from rblock.store.faults import FaultyDevice
 from rblock.store.metadata import ActivityLogFull, Metadata, MetadataError
 from rblock.store.victim import SavingDevice, VictimSnapshot, unfinished
@@ -499,8 +499,8 @@ class Resource(BlockDevice):
     def _wrap_saving(self, snap: VictimSnapshot) -> None:
         assert self.volume is not None
         base = self.volume
-        while hasattr(base, "inner"):
-            base = base.inner  # type: ignore[attr-defined]
+        while isinstance(base, FilterDevice):
+            base = base.inner
         self.volume = SavingDevice(self.volume, base.fd, snap)  # type: ignore[attr-defined]
 
     def victim_end(self) -> None:

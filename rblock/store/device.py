@@ -114,5 +114,47 @@ class BlockDevice(abc.ABC):
         """Finish in-flight work, flush, release resources."""
 
 
+class FilterDevice(BlockDevice):
+    """A device stacked over INNER that passes every operation through: a filter (fault
+    injection, a split-brain victim's saving) overrides only what it changes."""
+
+    def __init__(self, inner: BlockDevice, what: str) -> None:
+        self.inner = inner
+        self.size_bytes = inner.size_bytes
+        self.capabilities = inner.capabilities
+        self.description = f"{inner.description} ({what})"
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def read_once(self, offset: int, length: int) -> bytes | bytearray:
+        return await self.inner.read_once(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        await self.inner.write(offset, data, fua)
+
+    def write_inline(self, offset: int, data: memoryview) -> None:
+        self.inner.write_inline(offset, data)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self.inner.trim(offset, length, fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_punch: bool,
+                           fast_only: bool) -> None:
+        await self.inner.write_zeroes(offset, length, fua, may_punch, fast_only)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.inner.cache(offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.inner.extents(offset, length)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))

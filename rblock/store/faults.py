@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import errno
 
-from rblock.store.device import BlockDevice, DeviceError
+from rblock.store.device import BlockDevice, DeviceError, FilterDevice
 
 
-class FaultyDevice(BlockDevice):
+class FaultyDevice(FilterDevice):
     def __init__(self, inner: BlockDevice, *, reads: bool = False, writes: bool = False,
                  flushes: bool = False):
-        self.inner = inner
+        super().__init__(inner, "fault injection")
         self.reads, self.writes, self.flushes = reads, writes, flushes
-        self.size_bytes = inner.size_bytes
-        self.capabilities = inner.capabilities
-        self.description = f"{inner.description} (fault injection)"
 
     @property
     def faults(self) -> list[str]:
@@ -62,12 +59,3 @@ class FaultyDevice(BlockDevice):
         if self.writes:
             raise self._fail("write zeroes", offset)
         await self.inner.write_zeroes(offset, length, fua, may_punch, fast_only)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.inner.cache(offset, length)
-
-    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await self.inner.extents(offset, length)
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from rblock.store.device import BlockDevice
+from rblock.store.device import BlockDevice, FilterDevice
 
 BLOCK = 4096
 EXPORT_CHUNK = 1 << 20
@@ -185,23 +185,14 @@ class VictimSnapshot:
             self.fd = -1
 
 
-class SavingDevice(BlockDevice):
+class SavingDevice(FilterDevice):
     """The victim's disk during a split-brain resync: every write first saves what it
     overwrites (VictimSnapshot.save), then goes to the disk."""
 
     def __init__(self, inner: BlockDevice, fd: int, snap: VictimSnapshot) -> None:
-        self.inner = inner
+        super().__init__(inner, "saving split-brain victim blocks")
         self._fd = fd
         self.snap = snap
-        self.size_bytes = inner.size_bytes
-        self.capabilities = inner.capabilities
-        self.description = f"{inner.description} (saving split-brain victim blocks)"
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    async def read_once(self, offset: int, length: int) -> bytes | bytearray:
-        return await self.inner.read_once(offset, length)
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.snap.save(self._fd, offset, len(data))
@@ -211,9 +202,6 @@ class SavingDevice(BlockDevice):
         self.snap.save(self._fd, offset, len(data))
         self.inner.write_inline(offset, data)
 
-    async def flush(self) -> None:
-        await self.inner.flush()
-
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         self.snap.save(self._fd, offset, length)
         await self.inner.trim(offset, length, fua)
@@ -222,12 +210,6 @@ class SavingDevice(BlockDevice):
                            fast_only: bool) -> None:
         self.snap.save(self._fd, offset, length)
         await self.inner.write_zeroes(offset, length, fua, may_punch, fast_only)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.inner.cache(offset, length)
-
-    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await self.inner.extents(offset, length)
 
     async def close(self) -> None:
         self.snap.close()
