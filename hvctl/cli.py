@@ -3,6 +3,9 @@
     hvctl --config FILE guest list|status|define|undefine|start|stop|destroy|console|move ...
     hvctl --config FILE node list|status|probe ...
     hvctl --config FILE events
+    hvctl --config FILE agent --node NAME
+    hvctl --config FILE ha status|log|what-if ...
+    hvctl --config FILE node maintenance NODE on|off
 
 Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
 usage or a bad config file. With --json the result (or {"error": ...}) is JSON on stdout.
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = top.add_parser("events", help="stream guest lifecycle events from every node")
     p.add_argument("--json", action="store_true")
+    from hvctl.ha.cli import add_parsers
+
+    add_parsers(top, ns)
+    for name in ("start", "stop", "destroy", "move"):
+        gs.choices[name].add_argument("--no-wait", action="store_true",
+                                      help="HA guests: return once the agents have the "
+                                      "request")
     return ap
 
 
@@ -93,15 +103,34 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(e), 2)
     if args.group == "guest" and args.command == "console":
         return _console(cfg, args)
+    if args.group == "agent":
+        from hvctl.ha.cli import run_agent
+
+        return run_agent(cfg, args)
     return asyncio.run(_run(cfg, args))
 
 
 async def _run(cfg: Any, args: argparse.Namespace) -> int:
     from hvctl.controller import Controller, HvError
+    from hvctl.ha import cli as ha_cli
+    from hvctl.ha.ops import HaError
     from hvctl.virt import VirtError
     from rblock.config import ConfigError
     from rblock.control_client import ControlError
 
+    try:
+        if args.group == "ha":
+            return await ha_cli.ha_command(cfg, args)
+        if (args.group, args.command) == ("node", "maintenance"):
+            return await ha_cli.maintenance(cfg, args)
+        if args.group == "guest" and args.command in ("start", "stop", "destroy", "move"):
+            done = await ha_cli.through_agents(cfg, args)
+            if done is not None:
+                return done
+    except HaError as e:
+        return _fail(args, str(e), 1)
+    except ConfigError as e:
+        return _fail(args, str(e), 2)
     ctl = Controller(cfg)
     try:
         handler = _HANDLERS[(args.group, args.command if args.group != "events" else "")]

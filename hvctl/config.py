@@ -19,6 +19,11 @@ The cluster file is rblock's (rblock/config.py reads resources and nodes); hvctl
     console_log = "logs/vm1.log" # serial console log on the node that runs it
     node = "alpha"               # preferred node for `start` without --on
     network = { type = "user" }  # or { type = "bridge", source = "br0" } / "network"
+    ha = "started"               # HA: keep it running (hvctl agent); "stopped", or
+                                 # "disabled" (the default: not managed by HA)
+    prefer = ["alpha"]           # HA: nodes to place it on first, in order
+    max_restart = 1              # HA: restarts on the same node after a failure
+    max_relocate = 1             # HA: other nodes tried after that, then state error
 
 Errors read like rblock's: `FILE: guest.vm1.disks[0]: what is wrong; how to fix it`.
 Paths are absolute in the result; relative ones are taken from the directory of the file that
@@ -59,7 +64,12 @@ PROBE_KERNEL_DEFAULT = "/vmlinuz"
 RECONNECT_DELAY_S_DEFAULT = 30  # QEMU retries the NBD export this long before failing I/O
 HVCTL_KEYS = ("guests", "domain_type", "stop_timeout_s", "state_dir", "probe_kernel")
 GUEST_KEYS = ("disks", "memory", "vcpus", "kernel", "initrd", "cmdline", "console_log", "node",
-              "network", "domain_type", "stop_timeout_s", "reconnect_delay_s")
+              "network", "domain_type", "stop_timeout_s", "reconnect_delay_s", "ha", "prefer",
+              "max_restart", "max_relocate")
+HA_MODES = ("disabled", "started", "stopped")
+MAX_RESTART_DEFAULT = 1
+MAX_RELOCATE_DEFAULT = 1
+RETRIES_MAX = 100
 NETWORK_KEYS = ("type", "source", "model", "mac")
 # Stable identities: the same guest gets the same UUID and MAC on every node, so moving it
 # changes nothing the guest OS can see.
@@ -91,6 +101,10 @@ class GuestConfig:
     stop_timeout_s: float
     reconnect_delay_s: int
     source: Path  # the file it came from
+    ha: str = "disabled"  # started, stopped, disabled
+    prefer: tuple[str, ...] = ()
+    max_restart: int = MAX_RESTART_DEFAULT
+    max_relocate: int = MAX_RELOCATE_DEFAULT
 
     @property
     def uuid(self) -> str:
@@ -283,11 +297,52 @@ class _Loader:
                             f"{RECONNECT_DELAY_S_DEFAULT}")
         network = self.network(file, f"{_p(key)}network", t["network"], name) \
             if "network" in t else None
+        ha = self.choice(file, f"{_p(key)}ha", t.get("ha", "disabled"), HA_MODES)
+        prefer = self.prefer(file, f"{_p(key)}prefer", t.get("prefer", []), disks)
+        max_restart = self.count(file, f"{_p(key)}max_restart",
+                                 t.get("max_restart", MAX_RESTART_DEFAULT), MAX_RESTART_DEFAULT)
+        max_relocate = self.count(file, f"{_p(key)}max_relocate",
+                                  t.get("max_relocate", MAX_RELOCATE_DEFAULT),
+                                  MAX_RELOCATE_DEFAULT)
         return GuestConfig(name=name, disks=disks, memory_bytes=memory_bytes, vcpus=vcpus,
                            kernel=kernel, initrd=initrd, cmdline=cmdline,
                            console_log=console_log, node=node, network=network,
                            domain_type=domain_type, stop_timeout_s=stop_timeout_s,
-                           reconnect_delay_s=reconnect, source=file)
+                           reconnect_delay_s=reconnect, source=file, ha=ha, prefer=prefer,
+                           max_restart=max_restart, max_relocate=max_relocate)
+
+    def prefer(self, file: Path, key: str, value: Any, disks: tuple[str, ...]
+               ) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(file, key, f"{_show(value)} is not a list of node names; write "
+                            'it like prefer = ["alpha"]')
+        nodes = self.cluster.nodes
+        for i, n in enumerate(value):
+            if n not in nodes:
+                raise self.fail(file, f"{key}[{i}]", f"'{n}' is not a node of "
+                                f"{self.cluster.path} (nodes: {', '.join(nodes)}); fix the "
+                                "name or remove it")
+            missing = [r for r in disks if r not in nodes[n].disks]
+            if missing:
+                holders = [m for m, c in nodes.items() if all(r in c.disks for r in disks)]
+                raise self.fail(file, f"{key}[{i}]", f"node '{n}' holds no replica of "
+                                f"{', '.join(missing)}, so the guest cannot run there; "
+                                f"prefer one of {', '.join(holders)}, or add a disk for "
+                                f"{', '.join(missing)} to [node.{n}.disk]")
+            if nodes[n].libvirt is None:
+                raise self.fail(file, f"{key}[{i}]", f"node '{n}' has no libvirt URI, so "
+                                f"no guest runs there; add libvirt = \"qemu:///system\" to "
+                                f"[node.{n}] or remove it from prefer")
+        if len(set(value)) != len(value):
+            raise self.fail(file, key, "a node is listed twice; list each once")
+        return tuple(value)
+
+    def count(self, file: Path, key: str, value: Any, default: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 0 <= value <= RETRIES_MAX:
+            raise self.fail(file, key, f"{_show(value)} is not a whole number from 0 to "
+                            f"{RETRIES_MAX}; set {key.rsplit('.', 1)[-1]} = {default}")
+        return value
 
     def disks(self, file: Path, key: str, t: dict[str, Any]) -> tuple[str, ...]:
         if "disks" not in t:

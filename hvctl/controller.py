@@ -120,6 +120,13 @@ class Controller:
             out[node] = next((r for r in st["resources"] if r["name"] == resource), {})
         return out
 
+    async def _role_here(self, node: str, resource: str) -> dict:
+        try:
+            st = await self.control(node).status()
+        except ControlError as e:
+            raise HvError(f"cannot reach rblock on {node}: {e}") from None
+        return next((r for r in st["resources"] if r["name"] == resource), {})
+
     def nbd_disks(self, g: GuestConfig, node: str) -> tuple[NbdDisk, ...]:
         addr = self.cfg.cluster.node(node).nbd
         host = WILDCARD_HOSTS.get(addr.host, addr.host)  # the guest runs on that node
@@ -176,13 +183,24 @@ class Controller:
             raise HvError(f"cannot {what}: cannot ask {nodes} whether {p.guest} runs there "
                           f"({why}); bring it back, or pass --force if you are sure it is down")
 
-    async def _start_on(self, g: GuestConfig, node: str, p: Placement) -> None:
+    async def start_here(self, g: GuestConfig, node: str) -> None:
+        """The HA agent's start on its own node: promote there only (the planner made sure
+        no other node runs it; rblock refuses if another is still Primary), then define and
+        start. Never touches another node, which may be cut off."""
+        await self._start_on(g, node, Placement(g.name), local_only=True)
+
+    async def stop_here(self, g: GuestConfig, node: str, hard: bool) -> str:
+        """The HA agent's stop on its own node (ACPI first unless HARD), disks Secondary."""
+        return await self._power_off(g, node, None, hard)
+
+    async def _start_on(self, g: GuestConfig, node: str, p: Placement,
+                        local_only: bool = False) -> None:
         virt = self.virt(node)
         try:
             virt.conn()  # a clear error now, before any resource changes role
         except VirtError as e:
             raise HvError(f"cannot start {g.name} on {node}: {e}") from None
-        promoted = await self._take_resources(g, node)
+        promoted = await self._take_resources(g, node, local_only)
         dom = None
         try:
             dtype = await self.domain_type(g, node)
@@ -218,12 +236,15 @@ class Controller:
             except VirtError as e:
                 log.warning("%s: a stale definition stays on %s: %s", name, other, e)
 
-    async def _take_resources(self, g: GuestConfig, node: str) -> list[str]:
-        """Every resource of G Primary on NODE; returns those this call promoted."""
+    async def _take_resources(self, g: GuestConfig, node: str,
+                              local_only: bool = False) -> list[str]:
+        """Every resource of G Primary on NODE; returns those this call promoted.
+        LOCAL_ONLY: ask no other node (demote none)."""
         promoted: list[str] = []
         try:
             for r in g.disks:
-                roles = await self.roles(r)
+                roles = ({node: await self._role_here(node, r)} if local_only
+                         else await self.roles(r))
                 if roles.get(node, {}).get("role") == "Primary":
                     continue
                 for other, st in roles.items():
