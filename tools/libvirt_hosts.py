@@ -30,6 +30,12 @@ libvirt-clients, qemu-system-x86, util-linux (`unshare`) and the Python module `
 (libvirt-python); `check_requirements()` raises `LibvirtHostUnavailable` naming the fix
 otherwise. Probing whether KVM works is not done here (hvctl does it).
 
+Network. By default every host shares the caller's network namespace. With `netns=NAME` (a
+namespace under /run/netns, e.g. `tools.netns_hosts.NetHost.netns`) the init is started as
+`ip netns exec NAME unshare ...`, so libvirtd and the QEMUs it starts live in that network
+namespace (a network cut of the namespace cuts the host's guests too); the unix socket still
+answers from the caller's namespace.
+
 Processes. A host is a tree: `unshare` exec's this file as the host's *init* (`--init`),
 which makes the bind mounts, becomes a child subreaper (prctl), starts virtlogd, waits for
 its socket, starts libvirtd, reports both PIDs on stdout and reaps every child until
@@ -134,6 +140,7 @@ LOG_TAIL_LINES = 40
 DAEMON_LOG_LEVEL = 3  # 1 debug, 2 info, 3 warning, 4 error
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 INIT_MOUNT_FAILED = 97  # the init's exit status when a bind mount fails
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts named network namespaces
 
 # libvirtd probes each QEMU binary and caches the result in cache/qemu/capabilities/. An entry
 # records what it depends on (QEMU and libvirtd ctimes, kernel, microcode) and libvirt
@@ -222,7 +229,11 @@ class LibvirtHost:
     """One simulated hypervisor: virtlogd + libvirtd in a private mount namespace."""
 
     def __init__(
-        self, name: str, base_dir: Path, caps_cache: Path | None = DEFAULT_CAPS_CACHE
+        self,
+        name: str,
+        base_dir: Path,
+        caps_cache: Path | None = DEFAULT_CAPS_CACHE,
+        netns: str | None = None,
     ) -> None:
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"host name {name!r}: need a plain directory name")
@@ -236,6 +247,7 @@ class LibvirtHost:
                 )
         self.dir = self.base_dir / name
         self.caps_cache = caps_cache
+        self.netns = netns  # network namespace (/run/netns/NETNS) of the host, None: ours
         self._init: subprocess.Popen | None = None
         self._probe_error = ""
 
@@ -334,6 +346,13 @@ class LibvirtHost:
         check_requirements()
         if self._init is not None:
             raise LibvirtHostError(f"host {self.name}: already started, pids {self.pids}")
+        if self.netns is not None and shutil.which("ip", path=DAEMON_ENV["PATH"]) is None:
+            raise LibvirtHostUnavailable("ip not found; install the Debian package iproute2")
+        if self.netns is not None and not (NETNS_DIR / self.netns).exists():
+            raise LibvirtHostError(
+                f"host {self.name}: network namespace {self.netns!r} not found in {NETNS_DIR}; "
+                "create it first (tools/netns_hosts.py NetHosts does)"
+            )
         deadline = time.monotonic() + timeout_s
         self._kill_leftovers()
         self._prepare_dirs()
@@ -430,6 +449,8 @@ class LibvirtHost:
             sys.executable, "-I", str(Path(__file__).resolve()), "--init", str(self.run_dir),
             *mounts,
         ]  # fmt: skip
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         with (self.dir / "init.out").open("wb") as out, (self.dir / "init.log").open("wb") as log:
             self._init = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=log, cwd="/",
@@ -548,15 +569,17 @@ def hosts(
     names: Iterable[str],
     timeout_s: float = HOST_START_TIMEOUT_S,
     caps_cache: Path | None = DEFAULT_CAPS_CACHE,
+    netns: dict[str, str] | None = None,
 ) -> Iterator[dict[str, LibvirtHost]]:
     """Start one LibvirtHost per name under BASE_DIR, in order; always stop all of them.
+    NETNS maps a host name to its network namespace; hosts not in it share ours.
 
     Started one after the other, so a cold capabilities cache is probed only once.
     """
     started: dict[str, LibvirtHost] = {}
     try:
         for name in names:
-            host = LibvirtHost(name, base_dir, caps_cache)
+            host = LibvirtHost(name, base_dir, caps_cache, (netns or {}).get(name))
             started[name] = host
             host.start(timeout_s)
         yield started
