@@ -190,8 +190,13 @@ class Controller:
         await self._start_on(g, node, Placement(g.name), local_only=True)
 
     async def stop_here(self, g: GuestConfig, node: str, hard: bool) -> str:
-        """The HA agent's stop on its own node (ACPI first unless HARD), disks Secondary."""
-        return await self._power_off(g, node, None, hard)
+        """The HA agent's stop on its own node (ACPI first unless HARD: then its QEMU is
+        SIGKILLed, hvctl/virt.py says why), disks Secondary."""
+        return await self._power_off(g, node, None, hard, kill=hard)
+
+    async def release_here(self, node: str, resource: str) -> None:
+        """The HA agent: RESOURCE Secondary on its own node."""
+        await self._demote(node, resource)
 
     async def _start_on(self, g: GuestConfig, node: str, p: Placement,
                         local_only: bool = False) -> None:
@@ -302,7 +307,7 @@ class Controller:
         return f"{name} {how} on {node}; {', '.join(g.disks)} Secondary"
 
     async def _power_off(self, g: GuestConfig, node: str, timeout_s: float | None,
-                         hard: bool) -> str:
+                         hard: bool, kill: bool = False) -> str:
         """Stop G on NODE (ACPI first unless HARD), then its resources Secondary there.
         Returns how it went, for the user."""
         virt = self.virt(node)
@@ -316,7 +321,11 @@ class Controller:
                 else:
                     how = f"did not power off within {wait_s:g} s; destroyed"
                     log.warning("%s on %s %s", g.name, node, how)
-            await virt.destroy(dom)
+            if kill:
+                await virt.kill(dom, g.uuid)
+                how = "killed"
+            else:
+                await virt.destroy(dom)
         failed = await self._release(g, node, list(g.disks))
         if failed:
             raise HvError(f"{g.name} stopped on {node}, but " + "; ".join(failed))

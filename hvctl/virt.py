@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -237,6 +239,22 @@ class NodeVirt:
             raise self._error(f"destroying {name}", e) from None
         await self.wait(waiter, timeout_s, f"{name} to stop")
 
+    async def kill(self, dom: libvirt.virDomain, uuid: str,
+                   timeout_s: float = 30.0) -> list[int]:
+        """Pull the plug: SIGKILL the domain's QEMU at once, then let libvirt clean up.
+        libvirt's destroy sends SIGTERM and waits up to 10 s before SIGKILL, and a QEMU
+        whose NBD disk holds writes (rblock without its lease) spends all of that flushing
+        (seen: 10.3 s). Only for a libvirtd on this host: the QEMU is found in /proc by the
+        guest's UUID on its command line, in this process's network namespace (one host)."""
+        pids = local_qemu_pids(uuid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        await self.destroy(dom, timeout_s)
+        return pids
+
     # --- events -------------------------------------------------------------------------------
 
     def subscribe(self) -> asyncio.Queue:
@@ -283,6 +301,27 @@ class NodeVirt:
 
     def _error(self, what: str, e: libvirt.libvirtError) -> VirtError:
         return VirtError(f"node {self.node}: libvirt failed {what}: {_msg(e)}")
+
+
+def local_qemu_pids(uuid: str) -> list[int]:
+    """QEMU processes of the domain with UUID on this host (this network namespace)."""
+    mine = os.stat("/proc/self/ns/net")
+    needle = b"\0-uuid\0" + uuid.encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = b"\0" + f.read()
+            if needle not in cmd:
+                continue
+            ns = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) == (mine.st_dev, mine.st_ino):
+            found.append(int(entry))
+    return found
 
 
 def _is_stopped(ev: LifecycleEvent) -> bool:

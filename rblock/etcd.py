@@ -19,6 +19,7 @@ them, so an answer is never stale.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from dataclasses import dataclass
@@ -136,39 +137,73 @@ class Etcd:
             await self._session.close()
             self._session = None
 
-    async def call(self, path: str, body: dict) -> dict:
-        """POST BODY to /v3/PATH on the first endpoint that answers."""
+    def _session_(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl else False))
+        return self._session
+
+    async def _one(self, idx: int, path: str, body: dict) -> dict:
+        """POST BODY to /v3/PATH on endpoint IDX. EtcdUnavailable: try another endpoint;
+        EtcdError: etcd refused it (any endpoint would)."""
+        url = f"{self.endpoints[idx]}/v3/{path}"
+        try:
+            async with self._session_().post(
+                    url, json=body,
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                data = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
+            raise EtcdUnavailable(f"{self.endpoints[idx]}: {str(e) or type(e).__name__}") \
+                from None
+        if not isinstance(data, dict):
+            raise EtcdUnavailable(f"{url}: not a JSON object")
+        if "error" in data or resp.status >= 400:
+            msg = str(data.get("message") or data.get("error") or resp.status)
+            code = int(data.get("code", 0) or 0)
+            if code in (4, 14) or "timed out" in msg or "no leader" in msg:
+                # DEADLINE_EXCEEDED / UNAVAILABLE: this member has no quorum right now.
+                raise EtcdUnavailable(f"{self.endpoints[idx]}: {msg}")
+            raise EtcdError(f"etcd: {msg}", code)
+        return data.get("result", data) if path == "lease/keepalive" else data
+
+    async def call(self, path: str, body: dict) -> dict:
+        """POST BODY to /v3/PATH on the first endpoint that answers, one after the other
+        (the one that answered last first)."""
         last: BaseException | None = None
         n = len(self.endpoints)
         for i in range(n):
             idx = (self._first + i) % n
-            url = f"{self.endpoints[idx]}/v3/{path}"
             try:
-                async with self._session.post(
-                        url, json=body,
-                        timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                    data = await resp.json(content_type=None)
-            except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
+                data = await self._one(idx, path, body)
+            except EtcdUnavailable as e:
                 last = e
                 continue
-            if not isinstance(data, dict):
-                last = EtcdError(f"{url}: not a JSON object")
-                continue
-            if "error" in data or resp.status >= 400:
-                msg = str(data.get("message") or data.get("error") or resp.status)
-                code = int(data.get("code", 0) or 0)
-                if code in (4, 14) or "timed out" in msg or "no leader" in msg:
-                    # DEADLINE_EXCEEDED / UNAVAILABLE: this member has no quorum right now.
-                    last = EtcdUnavailable(f"{self.endpoints[idx]}: {msg}")
-                    continue
-                raise EtcdError(f"etcd: {msg}", code)
             self._first = idx
-            return data.get("result", data) if path == "lease/keepalive" else data
+            return data
         raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): "
                               f"{last}")
+
+    async def call_any(self, path: str, body: dict) -> dict:
+        """POST BODY (an idempotent request: a keepalive, a read) to every endpoint at once;
+        the first answer wins. A dead member then costs nothing, and while a new Raft
+        leader is being elected the first member that has one answers."""
+        tasks = [asyncio.ensure_future(self._one(i, path, body))
+                 for i in range(len(self.endpoints))]
+        errors: list[BaseException] = []
+        try:
+            for fut in asyncio.as_completed(tasks):
+                try:
+                    return await fut
+                except (EtcdUnavailable, EtcdError) as e:
+                    errors.append(e)
+        finally:
+            for t in tasks:
+                t.cancel()
+        refused = [e for e in errors if isinstance(e, EtcdError)]
+        if refused:
+            raise refused[0]
+        raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): "
+                              + "; ".join(str(e) for e in errors))
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -179,12 +214,12 @@ class Etcd:
 
     async def lease_keepalive(self, lease: int) -> int:
         """Renew LEASE; the TTL it has again, 0 if etcd no longer knows it (expired)."""
-        r = await self.call("lease/keepalive", {"ID": str(lease)})
+        r = await self.call_any("lease/keepalive", {"ID": str(lease)})
         return int(r.get("TTL", 0))
 
     async def lease_ttl(self, lease: int) -> int:
         """The seconds LEASE has left (-1 if it does not exist)."""
-        r = await self.call("lease/timetolive", {"ID": str(lease)})
+        r = await self.call_any("lease/timetolive", {"ID": str(lease)})
         return int(r.get("TTL", -1))
 
     async def lease_revoke(self, lease: int) -> None:
@@ -198,7 +233,7 @@ class Etcd:
 
     async def get(self, key: str, prefix: bool = False) -> list[KV]:
         body = op_get(key, prefix)["request_range"]
-        r = await self.call("kv/range", body)
+        r = await self.call_any("kv/range", body)
         return [_kv(d) for d in r.get("kvs", [])]
 
     async def put(self, key: str, value: str, lease: int = 0) -> None:

@@ -1,7 +1,7 @@
 """One etcd lease kept alive: rblock's node lease (rblock/fencer.py) and each HA agent's
 (hvctl/ha/agent.py).
 
-Granted with TTL_S, renewed every third of it, and after a failed renewal retried every
+Granted with TTL_S, renewed every INTERVAL_S (default a third of it), and after a failed renewal retried every
 RETRY_INTERVAL_S until it answers. This process's own deadline runs from the *send* time of
 its last successful keepalive plus the TTL etcd answered: etcd started its count when the
 request arrived, later, so this side always believes the lease gone before etcd deletes it
@@ -31,9 +31,11 @@ RETRY_INTERVAL_S = 0.5  # after a failed keepalive (the call itself times out fi
 
 class LeaseKeeper:
     def __init__(self, etcd: Etcd, ttl_s: int, on_change: Callable[[bool], None],
-                 margin_s: float = 0.0, what: str = "etcd lease") -> None:
+                 margin_s: float = 0.0, what: str = "etcd lease",
+                 interval_s: float | None = None) -> None:
         self.etcd = etcd
         self.ttl_s = ttl_s
+        self.interval_s = interval_s if interval_s is not None else ttl_s / 3
         self.margin_s = margin_s
         self.what = what
         self._on_change = on_change
@@ -69,7 +71,7 @@ class LeaseKeeper:
             log.error("%s keeper failed", self.what, exc_info=task.exception())
 
     async def _keep_alive(self) -> None:
-        interval = self.ttl_s / 3
+        interval = self.interval_s
         await asyncio.sleep(interval)
         while True:
             sent = self._loop.time()

@@ -68,7 +68,8 @@ class EtcdCluster:
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
              "--listen-client-urls", urls, "--advertise-client-urls", urls,
              "--initial-cluster", self._initial(), "--initial-cluster-state", state,
-             "--heartbeat-interval", "100", "--election-timeout", "1000", *tls],
+             "--heartbeat-interval", "100", "--election-timeout", "1000",
+             "--pre-vote", *tls],
             stdout=log, stderr=log)
 
     def start(self) -> None:

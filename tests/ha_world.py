@@ -186,9 +186,10 @@ class World:
             n.records = dict(self.records)
         acts = local_plan(n.name, n.records, frozenset(n.running), n.done,
                           {g: s for g, (s, _) in n.failed.items()}, frozenset(),
-                          lease_valid, fence_due, float(t))
+                          lease_valid, fence_due, float(t), GUESTS,
+                          frozenset(r for r, role in n.roles.items() if role == "Primary"))
         for a in acts:
-            g, disks = a.guest, GUESTS[a.guest]
+            g, disks = a.guest, GUESTS.get(a.guest, ())
             if a.do is Do.START:
                 why = "libvirt: broken" if (n.name, g) in self.broken else ""
                 for r in disks if not why else ():
@@ -204,6 +205,8 @@ class World:
                     n.running.add(g)
                     self.starts[g] += 1
                     n.done[g] = a.seq
+            elif a.do is Do.RELEASE:
+                self.demote(n, a.guest)
             elif a.do in (Do.STOP, Do.DESTROY):
                 n.running.discard(g)
                 for r in disks:

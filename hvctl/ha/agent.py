@@ -67,9 +67,16 @@ STOP_ACTIONS_WAIT_S = 5.0  # a clean stop lets running actions end this long
 
 
 def fence_margin_s(ttl_s: int) -> float:
-    """How long before the lease can run out the guests are destroyed: time for the
-    destroy (libvirt: ~0.1-0.5 s) with room to spare."""
-    return max(1.0, 0.3 * ttl_s)
+    """How long before the lease can run out the guests are killed: time for the SIGKILL
+    and libvirt's clean-up (0.1-0.2 s seen) with room to spare; the other side needs more
+    than that after the lease is gone (a leader round, a promotion, a domain start)."""
+    return max(1.0, 0.2 * ttl_s)
+
+
+def keepalive_interval_s(ttl_s: int) -> float:
+    """Renewals every fifth of the TTL: an etcd leader election (1-2 s with the default
+    election timeout) fits between the last renewal and the self-fence."""
+    return ttl_s / 5
 
 
 class AgentError(Exception):
@@ -131,7 +138,8 @@ class Agent:
     async def start(self) -> None:
         """The lease first: etcd unreachable at start is an error, not a silent wait."""
         self.keeper = LeaseKeeper(self.etcd, self.ttl_s, self._on_lease,
-                                  margin_s=fence_margin_s(self.ttl_s), what="agent lease")
+                                  margin_s=fence_margin_s(self.ttl_s), what="agent lease",
+                                  interval_s=keepalive_interval_s(self.ttl_s))
         await self.keeper.start()
         if not self.keeper.lease:
             await self.keeper.close(revoke=False)
@@ -207,8 +215,9 @@ class Agent:
             try:
                 dom = self.virt.lookup(name)
                 if dom is not None and self.virt.state(dom) != "stopped":
-                    await self.virt.destroy(dom)
-                    log.error("%s: %s destroyed (self-fence)", self.node, name)
+                    pids = await self.virt.kill(dom, self.guests[name].uuid)
+                    log.error("%s: %s killed (self-fence; QEMU %s SIGKILLed)", self.node,
+                              name, ", ".join(map(str, pids)) or "already gone")
             except VirtError as e:
                 log.error("%s: self-fence of %s failed: %s", self.node, name, e)
         self.active = frozenset()
@@ -249,7 +258,9 @@ class Agent:
         busy = frozenset(g for g, t in self._tasks.items() if not t.done())
         acts = local_plan(self.node, self.records, self.active, self.done,
                           {g: s for g, (s, _) in self.failed.items()}, busy,
-                          keeper.lease_valid(), False, time.time())
+                          keeper.lease_valid(), False, time.time(),
+                          {n: g.disks for n, g in self.guests.items()},
+                          frozenset(r for r, o in resources.items() if o.role == "Primary"))
         for a in acts:
             self._begin(a)
 
@@ -328,14 +339,16 @@ class Agent:
 
     def _begin(self, a: Action) -> None:
         task = asyncio.get_running_loop().create_task(self._act(a))
-        self._tasks[a.guest] = task
+        self._tasks[f"release:{a.guest}" if a.do is Do.RELEASE else a.guest] = task
         task.add_done_callback(lambda t, a=a: self._ended(a, t))
 
     def _ended(self, a: Action, task: asyncio.Task) -> None:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if exc is not None and a.do is Do.RELEASE:
+            log.warning("%s: %s stays Primary for now: %s", self.node, a.guest, exc)
+        elif exc is not None:
             why = str(exc) if isinstance(exc, (HvError, VirtError, ControlError)) else \
                 f"internal error: {exc!r}"
             log.error("%s: %s %s failed: %s", self.node, a.do.value, a.guest, why)
@@ -346,9 +359,13 @@ class Agent:
         self._wake.set()
 
     async def _act(self, a: Action) -> None:
-        g = self.guests[a.guest]
         if a.do is Do.ACK:
             return
+        if a.do is Do.RELEASE:
+            log.info("%s: %s Secondary (%s)", self.node, a.guest, a.why)
+            await self.ctl.release_here(self.node, a.guest)
+            return
+        g = self.guests[a.guest]
         log.info("%s: %s %s (%s)", self.node, a.do.value, a.guest, a.why)
         if a.do is Do.START:
             await asyncio.wait_for(self.ctl.start_here(g, self.node), ACTION_TIMEOUT_S)

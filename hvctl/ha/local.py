@@ -19,6 +19,10 @@ rules, first match per guest:
   Secondary; also when it is not active (its disks may still be Primary).
 - keep: the record says KEEP: only acknowledge (report what is seen).
 An assignment is done once per `seq`; a guest with an action in flight is left alone.
+Then, per resource:
+- release: a disk of an HA guest is Primary here but no HA guest using it is active, busy
+  or assigned RUN here (a self-fence left it Primary, a guest powered off by itself):
+  make it Secondary, so the node where the guest runs now can resync it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from hvctl.ha.model import Record, Want
 
 
 class Do(enum.Enum):
+    RELEASE = "release"  # the resource Secondary here
     START = "start"
     STOP = "stop"
     DESTROY = "destroy"  # at once, no ACPI; then disks Secondary
@@ -40,16 +45,19 @@ class Do(enum.Enum):
 @dataclass(frozen=True)
 class Action:
     do: Do
-    guest: str
+    guest: str  # RELEASE: the resource
     seq: int
     why: str
 
 
 def local_plan(node: str, records: Mapping[str, Record], active: frozenset[str],
                done: Mapping[str, int], failed: Mapping[str, int], busy: frozenset[str],
-               lease_valid: bool, fence_due: bool, now: float) -> list[Action]:
+               lease_valid: bool, fence_due: bool, now: float,
+               disks: Mapping[str, tuple[str, ...]] | None = None,
+               primary_here: frozenset[str] = frozenset()) -> list[Action]:
     """ACTIVE: HA guests active on this node; DONE/FAILED: guest -> seq carried out/failed
-    here; BUSY: guests with an action in flight."""
+    here; BUSY: guests with an action in flight (or releasing a disk); DISKS: HA guest ->
+    its resources; PRIMARY_HERE: resources Primary on this node."""
     out: list[Action] = []
     if fence_due:
         for g in sorted(active & set(records)):
@@ -78,4 +86,14 @@ def local_plan(node: str, records: Mapping[str, Record], active: frozenset[str],
                 out.append(Action(Do.START, g, rec.seq, rec.reason))
         else:
             out.append(Action(Do.STOP, g, rec.seq, rec.reason))
+    acting = {a.guest for a in out}
+    for r in sorted(primary_here):
+        users = [g for g, d in (disks or {}).items() if r in d]
+        if not users or f"release:{r}" in busy:
+            continue
+        needed = [g for g in users if g in active or g in busy or g in acting or
+                  (g in records and records[g].node == node and records[g].want is Want.RUN)]
+        if not needed:
+            out.append(Action(Do.RELEASE, r, 0, f"{r} Primary here, but no HA guest of it "
+                              "runs or is to run here"))
     return out

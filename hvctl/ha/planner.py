@@ -37,6 +37,8 @@ where a record says RUN. The safety rules:
 - up-to-date-only: recovery and placement pick only nodes whose agent is online, not in
   maintenance, with every disk of the guest UpToDate and not recorded Outdated in etcd, and
   no other node holding its primary key; `prefer` orders them, then the fewest guests.
+- preferred-first: a start (not a recovery) waits up to PREFERRED_WAIT_S for a preferred
+  node whose agent the leader has not seen yet (a booting cluster).
 - no-failback: a guest recovered elsewhere stays there when its old node returns (a
   flapping link causes no ping-pong). Restarts on the same node are bounded by
   `max_restart`, with an exponential backoff; then `max_relocate` other nodes are tried;
@@ -66,6 +68,9 @@ from hvctl.ha.model import (
 
 BACKOFF_BASE_S = 2.0  # the first restart after a failure waits this long, then doubles
 BACKOFF_MAX_S = 60.0
+# A start (not a recovery) waits this long for a preferred node whose agent is not online
+# yet, e.g. while a cluster boots and the agents come up one by one.
+PREFERRED_WAIT_S = 15.0
 UPTODATE = "UpToDate"
 
 ON_NODE = frozenset({State.STARTING, State.STARTED, State.STOPPING, State.RELOCATE,
@@ -193,6 +198,18 @@ def hold(ctx: _Ctx) -> tuple[Record, str]:
 
 
 def start(ctx: _Ctx, only: str | None = None) -> tuple[Record, str]:
+    obs = ctx.obs
+    if only is None:
+        for n in ctx.spec.prefer:
+            since = obs.lost_since.get(n)
+            if n not in obs.reports and since is not None and \
+                    obs.now - since < PREFERRED_WAIT_S and n not in obs.frozen:
+                text = (f"waiting up to {PREFERRED_WAIT_S:g} s for {n}'s agent (preferred) "
+                        "before starting elsewhere")
+                return replace(ctx.rec, reason=text), ("" if text == ctx.rec.reason
+                                                       else text)
+            if n in obs.reports:
+                break
     node, why = place(ctx, only=only)
     if node is None:
         text = f"cannot start: {why}"
