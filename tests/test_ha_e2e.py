@@ -280,4 +280,5 @@ def test_maintenance_moves_away_and_max_restart_ends_in_error(ha_hosts, guest_im
     assert "start requested" in res.stdout
     ha.wait(lambda: running_on(ha) == ["alpha"], "vm1 started again", 60)
     w = ha.hvctl("ha", "what-if", "alpha").stdout
-    assert "vm1: would be recovered on beta (r0 UpToDate on beta, not outdated)" in w, w
+    assert re.search(r"vm1: would be recovered on beta \(alpha lost; r0 UpToDate on beta, "
+                     r"not outdated; recovering on beta\)", w), w

@@ -176,7 +176,9 @@ class HaView:
             snap = await self.snapshot()
             stuck = [f"{g}: {r.reason}" for g, r in snap.records.items()
                      if r.node == node and r.state not in (State.STOPPED, State.ERROR)]
-            if not stuck:
+            moving = [g for g, r in snap.records.items()
+                      if r.state in (State.RELOCATE, State.STARTING)]
+            if not stuck and not moving:
                 return []
             if all("no node can take it" in s for s in stuck):
                 return stuck

@@ -549,5 +549,5 @@ def what_if(node: str, obs: Observed, specs: Mapping[str, GuestSpec],
     dead = replace(obs, reports={n: r for n, r in obs.reports.items() if n != node},
                    frozen=obs.frozen - {node},
                    primary={r: n for r, n in obs.primary.items() if n != node},
-                   lost_since={**obs.lost_since, node: obs.now})
+                   lost_since={n: t for n, t in obs.lost_since.items() if n != node})
     return plan(dead, specs, requests, records)
