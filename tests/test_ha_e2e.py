@@ -185,7 +185,8 @@ def test_partition_self_fences_before_the_other_side_starts_it(ha_hosts, guest_i
     assert running_on(ha) == ["beta"]
 
 
-def test_agent_sigkill_and_restart_adopt_the_running_guest(ha_hosts, guest_image):
+def test_agent_sigkill_libvirtd_restart_and_clean_stop_leave_the_guest_running(
+        ha_hosts, guest_image):
     marker = f"ha-{uuid.uuid4().hex[:10]}"
     ha = ha_hosts(guest_toml(guest_image, marker))
     started(ha, marker)
@@ -213,6 +214,17 @@ def test_agent_sigkill_and_restart_adopt_the_running_guest(ha_hosts, guest_image
     ha.start_agent("alpha")
     ha.wait(lambda: re.search(r"vm1\s+started\s+on alpha", ha.hvctl("ha", "status").stdout)
             is not None, "vm1 thawed", 30)
+    assert text(ha.console("vm1")).count("GUEST-START") == 1
+
+    # libvirtd restarts under the agent (an update): the guest keeps running, the agent
+    # reconnects, nothing is restarted or moved.
+    loops = last_loop(text(ha.console("vm1")))
+    ha.libvirt["alpha"].restart_libvirtd()
+    wait_console(ha, rf"LOOP {loops + 4} ok")
+    time.sleep(2)
+    assert running_on(ha) == ["alpha"]
+    st = ha.hvctl("ha", "status").stdout
+    assert re.search(r"vm1\s+started\s+on alpha", st), st
     assert text(ha.console("vm1")).count("GUEST-START") == 1
 
 

@@ -139,6 +139,18 @@ def test_guest_directory(tmp_path: Path) -> None:
     ('[hvctl]\nguests = "nope"\n', "hvctl.guests:", "create it"),
     ('[hvctl]\nprobe_kernel = "vmlinuz"\n', "hvctl.probe_kernel:", "absolute path"),
     ('hvctl = 3\n', "hvctl: must be a table", "[hvctl] header"),
+    ('[guest.g]\ndisks = ["r0"]\nha = "on"\n', "guest.g.ha: 'on' is not one of",
+     'ha = "disabled"'),
+    ('[guest.g]\ndisks = ["r0"]\nha = "started"\nprefer = ["gamma"]\n',
+     "guest.g.prefer[0]: 'gamma' is not a node", "fix the name or remove it"),
+    ('[guest.g]\ndisks = ["r0"]\nha = "started"\nprefer = ["beta"]\n',
+     "guest.g.prefer[0]: node 'beta' has no libvirt URI", "remove it from prefer"),
+    ('[guest.g]\ndisks = ["r0"]\nprefer = "alpha"\n', "guest.g.prefer:",
+     'prefer = ["alpha"]'),
+    ('[guest.g]\ndisks = ["r0"]\nmax_restart = -1\n', "guest.g.max_restart: -1 is not",
+     "max_restart = 1"),
+    ('[guest.g]\ndisks = ["r0"]\nmax_relocate = 1.5\n', "guest.g.max_relocate:",
+     "max_relocate = 1"),
 ])
 def test_bad_config_names_key_and_fix(tmp_path: Path, extra: str, where: str, fix: str) -> None:
     # top-level scalars must come before the first table header
@@ -147,6 +159,21 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, extra: str, where: str, fi
         load(write(tmp_path, text))
     assert where in str(e.value) and fix in str(e.value), str(e.value)
     assert str(tmp_path / "cluster.toml") in str(e.value)
+
+
+def test_ha_guest_preferring_a_node_without_its_disk(tmp_path: Path) -> None:
+    text = '[resource.r0]\nsize = "64M"\nsecret = "s"\n[resource.r1]\nsize = "64M"\nsecret = "s"\n'
+    for i, (node, res) in enumerate([("alpha", "r0"), ("beta", "r0"), ("gamma", "r1")]):
+        text += (f'[node.{node}]\nreplication = "127.0.0.1:{7790 + i}"\n'
+                 f'control = "127.0.0.1:{7800 + i}"\nnbd = "127.0.0.1:{10809 + i}"\n'
+                 f'libvirt = "test:///default"\n[node.{node}.disk]\n{res} = "{node}/{res}.img"\n'
+                 + ('r1 = "b/r1.img"\n' if node == "beta" else ""))
+    text += '[guest.g]\ndisks = ["r0"]\nha = "started"\nprefer = ["gamma"]\n'
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text))
+    assert ("guest.g.prefer[0]: node 'gamma' holds no replica of r0, so the guest cannot run "
+            "there; prefer one of alpha, beta, or add a disk for r0 to [node.gamma.disk]"
+            in str(e.value)), str(e.value)
 
 
 def test_guest_whose_disks_share_no_node(tmp_path: Path) -> None:

@@ -288,6 +288,7 @@ class LibvirtHost:
                 match line.split():
                     case ["started", daemon, pid]:
                         started[daemon] = int(pid)
+                        exited.pop(daemon, None)  # restarted (restart_libvirtd)
                     case ["exited", daemon, status]:
                         exited[daemon] = int(status)
         return started, exited
@@ -524,6 +525,22 @@ class LibvirtHost:
         if left:
             raise LibvirtHostError(f"host {self.name}: processes {left} survive SIGKILL")
 
+    def restart_libvirtd(self, timeout_s: float = HOST_START_TIMEOUT_S) -> None:
+        """Restart libvirtd alone (SIGTERM, then started again by the host's init), as
+        `systemctl restart libvirtd` after an update: running guests keep running and the
+        new libvirtd reconnects to their QEMUs."""
+        if self._init is None or self._init.poll() is not None:
+            raise LibvirtHostError(f"host {self.name} is not running")
+        old = self.pids.get("libvirtd")
+        os.kill(self._init.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            new = self._reported()[0].get("libvirtd")
+            if new not in (None, old) and self.socket.exists() and self._answers(deadline):
+                return
+            time.sleep(POLL_PERIOD_S)
+        raise self._failure("libvirtd restart")
+
     def crash(self) -> None:
         """Power loss: SIGKILL every process of the host at once, guests included. Domain
         state stays as a killed host leaves it (stale run/, persistent definitions)."""
@@ -610,6 +627,10 @@ class _Stop(Exception):
     """Raised by the SIGTERM handler to leave a blocking waitpid()."""
 
 
+class _Restart(Exception):
+    """Raised by the SIGUSR1 handler: restart libvirtd (restart_libvirtd)."""
+
+
 def _init_main(run_dir: Path, mounts: list[str]) -> int:
     """Bind-mount, become a subreaper, run virtlogd then libvirtd, reap all; stop on SIGTERM.
 
@@ -620,8 +641,12 @@ def _init_main(run_dir: Path, mounts: list[str]) -> int:
     def on_term(signum: int, frame: object) -> None:
         raise _Stop
 
+    def on_usr1(signum: int, frame: object) -> None:
+        raise _Restart
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
     daemons: dict[int, str] = {}  # live daemon PID -> name
 
     def report(*words: object) -> None:
@@ -679,9 +704,15 @@ def _init_main(run_dir: Path, mounts: list[str]) -> int:
                 return 1
             time.sleep(POLL_PERIOD_S)
         spawn("libvirtd", "--pid-file", str(run_dir / "libvirtd.pid"))
-        while reap(block=True):
-            pass
-        return 0
+        while True:
+            try:
+                while reap(block=True):
+                    pass
+                return 0
+            except _Restart:  # libvirtd alone, as `systemctl restart libvirtd`: QEMUs stay
+                for pid in [p for p, n in daemons.items() if n == "libvirtd"]:
+                    stop(pid, HOST_STOP_TIMEOUT_S)
+                spawn("libvirtd", "--pid-file", str(run_dir / "libvirtd.pid"))
     except _Stop:
         pass
     finally:

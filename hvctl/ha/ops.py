@@ -47,6 +47,17 @@ class HaView:
     async def close(self) -> None:
         await self.etcd.close()
 
+    async def _write(self, key: str, value: str | None) -> None:
+        """Put VALUE at KEY (delete it if None); HaError naming the fix if etcd is away."""
+        try:
+            if value is None:
+                await self.etcd.delete(key)
+            else:
+                await self.etcd.put(key, value)
+        except (EtcdUnavailable, EtcdError) as e:
+            raise HaError(f"cannot write to etcd: {e}; is etcd up (see [cluster] etcd in "
+                          f"{self.cfg.path})?") from None
+
     async def snapshot(self) -> K.Snapshot:
         try:
             return K.parse(self.keys, await self.etcd.get(self.keys.base, prefix=True))
@@ -138,7 +149,7 @@ class HaView:
         old = snap.requests.get(guest)
         rec = snap.records.get(guest)
         seq = max(old.seq if old else 0, rec.request_seq if rec else 0) + 1
-        await self.etcd.put(self.keys.request(guest), K.dump_request(Request(state, node, seq)))
+        await self._write(self.keys.request(guest), K.dump_request(Request(state, node, seq)))
         return seq
 
     async def wait(self, guest: str, seq: int, state: HaMode, node: str | None,
@@ -160,11 +171,11 @@ class HaView:
         self.cfg.hv_node(node)
         key = self.keys.maintenance(node)
         if on:
-            await self.etcd.put(key, json.dumps({"time": round(time.time(), 3)}))
+            await self._write(key, json.dumps({"time": round(time.time(), 3)}))
             return (f"{node} in maintenance: its HA guests move away, nothing is placed "
                     "there; its agent may be stopped once 'hvctl ha status' shows no guest "
                     "on it")
-        await self.etcd.delete(key)
+        await self._write(key, None)
         return f"{node} out of maintenance (guests do not move back by themselves)"
 
     async def wait_evacuated(self, node: str, timeout_s: float = WAIT_TIMEOUT_S) -> list[str]:
