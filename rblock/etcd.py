@@ -146,15 +146,17 @@ class Etcd:
     async def _one(self, idx: int, path: str, body: dict) -> dict:
         """POST BODY to /v3/PATH on endpoint IDX. EtcdUnavailable: try another endpoint;
         EtcdError: etcd refused it (any endpoint would)."""
-        url = f"{self.endpoints[idx]}/v3/{path}"
+        return await self._post(self.endpoints[idx], path, body)
+
+    async def _post(self, base: str, path: str, body: dict) -> dict:
+        url = f"{base.rstrip('/')}/v3/{path}"
         try:
             async with self._session_().post(
                     url, json=body,
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
                 data = await resp.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
-            raise EtcdUnavailable(f"{self.endpoints[idx]}: {str(e) or type(e).__name__}") \
-                from None
+            raise EtcdUnavailable(f"{base}: {str(e) or type(e).__name__}") from None
         if not isinstance(data, dict):
             raise EtcdUnavailable(f"{url}: not a JSON object")
         if "error" in data or resp.status >= 400:
@@ -162,7 +164,7 @@ class Etcd:
             code = int(data.get("code", 0) or 0)
             if code in (4, 14) or "timed out" in msg or "no leader" in msg:
                 # DEADLINE_EXCEEDED / UNAVAILABLE: this member has no quorum right now.
-                raise EtcdUnavailable(f"{self.endpoints[idx]}: {msg}")
+                raise EtcdUnavailable(f"{base}: {msg}")
             raise EtcdError(f"etcd: {msg}", code)
         return data.get("result", data) if path == "lease/keepalive" else data
 
@@ -187,15 +189,20 @@ class Etcd:
         """POST BODY (an idempotent request: a keepalive, a read) to every endpoint at once;
         the first answer wins. A dead member then costs nothing, and while a new Raft
         leader is being elected the first member that has one answers."""
-        tasks = [asyncio.ensure_future(self._one(i, path, body))
-                 for i in range(len(self.endpoints))]
+        async def one(i: int) -> tuple[int, dict]:
+            return i, await self._one(i, path, body)
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(self.endpoints))]
         errors: list[BaseException] = []
         try:
             for fut in asyncio.as_completed(tasks):
                 try:
-                    return await fut
+                    idx, data = await fut
                 except (EtcdUnavailable, EtcdError) as e:
                     errors.append(e)
+                    continue
+                self._first = idx  # the sequential calls (transactions) start there
+                return data
         finally:
             for t in tasks:
                 t.cancel()
@@ -204,6 +211,29 @@ class Etcd:
             raise refused[0]
         raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): "
                               + "; ".join(str(e) for e in errors))
+
+    # --- the cluster ---------------------------------------------------------------------------
+
+    async def members(self) -> list[dict]:
+        """[{"ID": ..., "name": ..., "peerURLs": [...], "clientURLs": [...]}, ...]"""
+        return list((await self.call("cluster/member/list", {})).get("members", []))
+
+    async def raft_leader(self) -> str:
+        """The member ID of the current Raft leader ("" if none)."""
+        return str((await self.call_any("maintenance/status", {})).get("leader", ""))
+
+    async def move_leader(self, target_id: str, leader_urls: list[str]) -> None:
+        """Hand the Raft leadership to TARGET_ID; etcd takes it only from the leader, so it
+        goes to one of the leader's LEADER_URLS."""
+        last: BaseException | None = None
+        for url in leader_urls:
+            try:
+                await self._post(url, "maintenance/transfer-leadership",
+                                 {"targetID": target_id})
+                return
+            except EtcdUnavailable as e:
+                last = e
+        raise EtcdUnavailable(f"the Raft leader did not answer: {last}")
 
     # --- leases --------------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ Every ROUND_INTERVAL_S, and at once when an action of this node ends, one round:
 1. Look at this node: the libvirt state of every HA guest, every rblock resource's role and
    disk (its control API). If libvirt cannot be asked (libvirtd restarting), the round stops
    here: a report saying "not running" would make the leader restart a guest that runs.
-2. Publish the report `_ha/nodes/{node}`, bound to this agent's lease (rblock/lease.py).
-3. Read everything under the prefix in one range read (a consistent snapshot): reports,
+2. Read everything under the prefix in one range read (a consistent snapshot): reports,
    records, requests, maintenance, frozen marks, rblock's primary and Outdated keys.
+3. Publish the report `_ha/nodes/{node}`, bound to this agent's lease (rblock/lease.py),
+   if it changed (or is missing).
 4. If no leader key exists, take it (put-if-absent, bound to our lease). The leader runs
    `plan` (hvctl/ha/planner.py) and writes the changed records and the decisions in one
    transaction that holds only while the leader key is still ours under our lease: a
@@ -60,10 +61,11 @@ from rblock.lease import LeaseKeeper
 
 log = logging.getLogger("hvctl.agent")
 
-ROUND_INTERVAL_S = 0.5
+ROUND_INTERVAL_S = 0.25  # a round reads etcd once; it writes only what changed
 ETCD_CALL_TIMEOUT_S = 1.0
 ACTION_TIMEOUT_S = 180.0  # a start or an ACPI stop that takes longer is a failure
 STOP_ACTIONS_WAIT_S = 5.0  # a clean stop lets running actions end this long
+WITNESS_CHECK_S = 10.0  # how often the leader makes sure a witness leads etcd's Raft
 
 
 def fence_margin_s(ttl_s: int) -> float:
@@ -130,6 +132,9 @@ class Agent:
         self.leader = False
         self._tasks: dict[str, asyncio.Task] = {}
         self._fence_task: asyncio.Task | None = None
+        self._raft_task: asyncio.Task | None = None
+        self._raft_checked = 0.0
+        self._published: tuple[int, NodeReport] | None = None
         self._wake = asyncio.Event()
         self._said: dict[str, str] = {}  # what was logged last per topic (no repeats)
 
@@ -243,9 +248,14 @@ class Agent:
             self._say("lease", "no valid lease: waiting (nothing is started or stopped)")
             return
         self._say("lease", "lease valid")
-        await self.etcd.put(self.keys.node(self.node), K.dump_report(report, time.time()),
-                            lease)
         snap = K.parse(self.keys, await self.etcd.get(self.keys.base, prefix=True))
+        if self._published != (lease, report) or self.node not in snap.reports:
+            # Written when it changes only: the key lives as long as the lease does.
+            await self.etcd.put(self.keys.node(self.node),
+                                K.dump_report(report, time.time()), lease)
+            self._published = (lease, report)
+            snap.reports[self.node] = report
+            snap.report_leases[self.node] = lease
         if self.node in snap.frozen:
             await self.etcd.delete(self.keys.frozen(self.node))
             snap.frozen.discard(self.node)
@@ -310,6 +320,11 @@ class Agent:
         if not self.leader:
             return
         now = time.time()
+        if now - self._raft_checked >= WITNESS_CHECK_S and (
+                self._raft_task is None or self._raft_task.done()):
+            self._raft_checked = now
+            self._raft_task = asyncio.get_running_loop().create_task(self._witness_leads())
+            self._raft_task.add_done_callback(self._raft_ended)
         for n in self.cfg.hv_nodes():
             if n in snap.reports:
                 self.lost_since.pop(n, None)
@@ -334,6 +349,32 @@ class Agent:
         else:
             self.leader = False
             log.warning("%s: lost the leadership before writing a plan: dropped", self.node)
+
+    async def _witness_leads(self) -> None:
+        """etcd's Raft leader on a witness, not on a data host. When a Raft leader dies,
+        the new one extends every lease (etcd's lessor does, so no lease runs out early),
+        so a data host's death would be detected an election (1-3 s) later. A member whose
+        name is not a node of the cluster file is taken for a witness."""
+        members = await self.etcd.members()
+        witnesses = [m for m in members if m.get("name") not in self.cfg.cluster.nodes]
+        if not witnesses:
+            return
+        leader = await self.etcd.raft_leader()
+        if not leader or leader in {str(m["ID"]) for m in witnesses}:
+            return
+        current = next((m for m in members if str(m["ID"]) == leader), None)
+        if current is None:
+            return
+        target = witnesses[0]
+        await self.etcd.move_leader(str(target["ID"]), list(current.get("clientURLs", [])))
+        log.info("%s: etcd's Raft leadership moved from %s to the witness %s (a data host's "
+                 "death then needs no election, which would extend every lease)", self.node,
+                 current.get("name"), target.get("name"))
+
+    def _raft_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._say("raft", f"could not move etcd's Raft leader to a witness: "
+                      f"{task.exception()}", logging.WARNING)
 
     # --- actions ------------------------------------------------------------------------------
 

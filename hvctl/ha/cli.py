@@ -46,7 +46,10 @@ def add_parsers(top: Any, node_sub: Any) -> None:
 def run_agent(cfg: Any, args: argparse.Namespace) -> int:
     from hvctl.ha.agent import Agent, AgentError
 
-    logging.getLogger().setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in root.handlers:  # a long-running daemon: every line with its time
+        h.setFormatter(logging.Formatter("%(asctime)s hvctl: %(message)s"))
 
     async def main() -> int:
         stop = asyncio.Event()

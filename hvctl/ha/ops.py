@@ -95,8 +95,7 @@ class HaView:
                     left = None
             nodes.append({"name": n, "state": state, "why": why,
                           "lease": f"{lease:x}" if lease else None, "lease_left_s": left,
-                          "report_age_s": (round(time.time() - snap.report_times[n], 1)
-                                           if n in snap.report_times else None)})
+                          "reported_at": snap.report_times.get(n)})
         guests = []
         for name, g in ha_guests(self.cfg).items():
             rec = snap.records.get(name)
