@@ -8,6 +8,7 @@ The cluster file is rblock's (rblock/config.py reads resources and nodes); hvctl
     stop_timeout_s = 60          # ACPI shutdown wait before a guest is destroyed
     state_dir = "hvctl-state"    # console logs and the probe cache (default ~/.cache/hvctl)
     probe_kernel = "/vmlinuz"    # the kernel the KVM probe boots on each node
+    watchdog = "auto"            # the HA agent arms /dev/watchdog if it exists; "off"; a path
 
     [guest.vm1]
     disks = ["r0"]               # rblock resources, attached as vda, vdb, ...
@@ -62,7 +63,8 @@ VCPUS_MAX = 256
 STOP_TIMEOUT_S_DEFAULT = 60.0
 PROBE_KERNEL_DEFAULT = "/vmlinuz"
 RECONNECT_DELAY_S_DEFAULT = 30  # QEMU retries the NBD export this long before failing I/O
-HVCTL_KEYS = ("guests", "domain_type", "stop_timeout_s", "state_dir", "probe_kernel")
+HVCTL_KEYS = ("guests", "domain_type", "stop_timeout_s", "state_dir", "probe_kernel",
+              "watchdog")
 GUEST_KEYS = ("disks", "memory", "vcpus", "kernel", "initrd", "cmdline", "console_log", "node",
               "network", "domain_type", "stop_timeout_s", "reconnect_delay_s", "ha", "prefer",
               "max_restart", "max_relocate")
@@ -119,6 +121,7 @@ class HvConfig:
     stop_timeout_s: float
     state_dir: Path
     probe_kernel: str
+    watchdog: str = "auto"
 
     @property
     def path(self) -> Path:
@@ -182,6 +185,11 @@ class _Loader:
                                       hv.get("stop_timeout_s", STOP_TIMEOUT_S_DEFAULT))
         state_dir = (self.path(top, "hvctl.state_dir", hv["state_dir"], self.base)
                      if "state_dir" in hv else _default_state_dir())
+        watchdog = hv.get("watchdog", "auto")
+        if not isinstance(watchdog, str) or not (watchdog in ("auto", "off") or
+                                                 watchdog.startswith("/")):
+            raise self.fail(top, "hvctl.watchdog", f"{_show(watchdog)} is not \"auto\", "
+                            "\"off\" or a device path; set watchdog = \"auto\"")
         probe_kernel = hv.get("probe_kernel", PROBE_KERNEL_DEFAULT)
         if not isinstance(probe_kernel, str) or not probe_kernel.startswith("/"):
             raise self.fail(top, "hvctl.probe_kernel", f"{_show(probe_kernel)} is not an "
@@ -206,7 +214,7 @@ class _Loader:
         guests = {name: self.guest(name, file, key, t, defaults, state_dir)
                   for name, (file, key, t) in tables.items()}
         return HvConfig(self.cluster, guests, domain_type, stop_timeout_s, state_dir,
-                        probe_kernel)
+                        probe_kernel, watchdog)
 
     def read_guest_file(self, f: Path) -> dict[str, Any]:
         try:

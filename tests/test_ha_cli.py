@@ -85,3 +85,17 @@ def test_ha_commands_without_etcd_answering(tmp_path):
         assert "etcd" in line and ("is etcd up" in line or "no etcd endpoint" in line), line
     line = one_line(hvctl(cfg, "ha", "what-if", "gamma"), 2)
     assert "gamma" in line and "nodes: alpha, beta" in line, line
+
+
+def test_watchdog_is_armed_petted_and_disarmed(tmp_path):
+    """On a plain file (no watchdog device here): what the agent writes to it."""
+    from hvctl.ha.watchdog import Watchdog, device_for
+
+    assert device_for("off") is None and device_for("/dev/x") == "/dev/x"
+    dev = tmp_path / "watchdog"
+    dev.write_bytes(b"")
+    w = Watchdog(str(dev), 4)  # a file has no timeout ioctl: logged, not raised
+    w.pet()
+    w.pet()
+    w.close()
+    assert dev.read_bytes() == b"\0\0V"

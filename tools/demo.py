@@ -15,6 +15,11 @@ One function per stage, run in order by main():
 5. `stage_fencing()`: a one-member etcd and a fresh fenced cluster: alpha Primary, killed
    (SIGKILL); beta's promotion is refused while alpha's lease lives, then succeeds; the time
    from the kill to the promotion is printed.
+6. `stage_ha()`: three simulated hosts in network namespaces (tools/ha_hosts.py): alpha and
+   beta (etcd, rblock, libvirtd, hvctl agent each) and a witness (etcd); an HA guest runs on
+   alpha; alpha's power fails (its traffic dropped, every process SIGKILLed); the time until
+   the guest's marker appears on beta's console is printed, then `hvctl ha status` and
+   `hvctl ha log`; alpha comes back and resyncs, the guest stays on beta. Needs root.
 
 Stages that need the cluster take it as an argument and leave it running, so a later stage
 slots in before `stage_stop` (a libvirt guest on the primary's export, say). `--keep` leaves
@@ -315,6 +320,75 @@ def stage_fencing() -> None:
         stop_by_pid(etcd, signal.SIGTERM, 10)
 
 
+HA_GUEST = """
+[guest.vm1]
+disks = ["r0"]
+memory = "128M"
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write=ha-demo rblock.loop=100000 rblock.hold=1"
+ha = "started"        # hvctl's agents keep it running somewhere
+prefer = ["alpha"]
+"""
+
+
+def stage_ha() -> None:
+    from tools.ha_hosts import HaHosts
+    from tools.libvirt_hosts import LibvirtHostUnavailable, check_requirements
+    from tools.netns_hosts import NetHostsUnavailable
+    from tools.netns_hosts import check_requirements as net_requirements
+
+    step("HA: three hosts, each in its own network namespace: alpha and beta (etcd, rblock, "
+         "libvirtd, hvctl agent), a witness (etcd only)")
+    try:
+        check_requirements()
+        net_requirements()
+    except (LibvirtHostUnavailable, NetHostsUnavailable) as e:
+        print(f"skipped: {e}")
+        return
+    image = build_guest(GUEST_DIR)
+    work = WORK / "ha"
+    if work.exists():
+        shutil.rmtree(work)
+    guest = HA_GUEST.format(kernel=image.kernel, initrd=image.initrd)
+    with HaHosts(work, guest) as ha:
+        cfg = ha.config
+        print(f"# {shown(cfg)}: [cluster] etcd = the three members, lease_ttl_s = 5 (the "
+              f"default); r0 on alpha and beta; and:{guest.rstrip()}")
+        for h in ("alpha", "beta"):
+            print(f"$ hvctl --config {shown(cfg)} agent --node {h} &    # on {h}")
+        ha.start_agents()
+        log = ha.console("vm1")
+
+        def marks() -> int:
+            return log.read_text(errors="replace").count("PEEK:") if log.exists() else 0
+
+        ha.wait(lambda: "LOOP 2 ok" in (log.read_text(errors="replace") if log.exists()
+                                        else ""), "vm1 booted on alpha", GUEST_BOOT_TIMEOUT_S)
+        run(sys.executable, "-m", "hvctl", "--config", cfg, "ha", "status",
+            show_as=["hvctl", "--config", shown(cfg), "ha", "status"])
+        step("alpha's power fails: its network goes silent and every process of it is "
+             "SIGKILLed")
+        before = marks()
+        killed = time.monotonic()
+        ha.crash("alpha")
+        ha.wait(lambda: marks() > before, "vm1's marker on beta", 60)
+        print(f"vm1 back on beta after {time.monotonic() - killed:.1f} s (from the kill to "
+              "the marker its init prints on the console; it read back what it wrote on "
+              "alpha)")
+        for args in (["ha", "status"], ["ha", "log"]):
+            run(sys.executable, "-m", "hvctl", "--config", cfg, *args,
+                show_as=["hvctl", "--config", shown(cfg), *args])
+        step("alpha is powered on again: etcd, rblock, libvirtd and its agent start; r0 "
+             "resyncs from beta; vm1 stays on beta (no failback)")
+        ha.power_on("alpha")
+        ha.wait(lambda: ha._in_sync("beta"), "r0 resynced", 60)
+        ha.wait(lambda: "alpha      online" in ha.hvctl("ha", "status").stdout,
+                "alpha's agent online", 30)
+        run(sys.executable, "-m", "hvctl", "--config", cfg, "ha", "status",
+            show_as=["hvctl", "--config", shown(cfg), "ha", "status"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--keep", action="store_true",
@@ -335,6 +409,7 @@ def main() -> int:
             stage_stop(c)
     if not args.keep:
         stage_fencing()
+        stage_ha()
     print(f"\ndemo done in {time.monotonic() - started:.0f}s")
     return 0
 

@@ -44,6 +44,7 @@ from hvctl.ha import keys as K
 from hvctl.ha.local import Action, Do, local_plan
 from hvctl.ha.model import GuestSpec, HaMode, NodeReport, Record, ResourceObs
 from hvctl.ha.planner import plan
+from hvctl.ha.watchdog import PET_INTERVAL_S, Watchdog, device_for
 from hvctl.virt import VirtError
 from rblock.config import ConfigError
 from rblock.control_client import ControlError
@@ -135,6 +136,8 @@ class Agent:
         self._raft_task: asyncio.Task | None = None
         self._raft_checked = 0.0
         self._published: tuple[int, NodeReport] | None = None
+        self.watchdog: Watchdog | None = None
+        self._pet_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._said: dict[str, str] = {}  # what was logged last per topic (no repeats)
 
@@ -152,6 +155,16 @@ class Agent:
             eps = ", ".join(self.etcd.endpoints)
             raise AgentError(f"etcd unreachable at {eps} ({self.keeper.last_error}); start "
                              f"etcd or fix [cluster] etcd in {self.cfg.path}")
+        path = device_for(self.cfg.watchdog)
+        if path is not None:
+            try:
+                self.watchdog = Watchdog(path, int(self.ttl_s - fence_margin_s(self.ttl_s)))
+            except OSError as e:
+                await self.keeper.close(revoke=True)
+                await self.etcd.close()
+                raise AgentError(f"cannot open the watchdog {path}: {e.strerror}; fix its "
+                                 "permissions or set [hvctl] watchdog = \"off\"") from None
+            self._pet_task = asyncio.get_running_loop().create_task(self._pet())
         log.info("%s: agent up, lease %x (TTL %d s, self-fence %.1f s before it runs out); "
                  "HA guests: %s", self.node, self.keeper.lease, self.ttl_s,
                  fence_margin_s(self.ttl_s), ", ".join(self.guests) or "none")
@@ -185,6 +198,10 @@ class Agent:
             await asyncio.wait(pending, timeout=STOP_ACTIONS_WAIT_S)
             for t in pending:
                 t.cancel()
+        if self._pet_task is not None:
+            self._pet_task.cancel()
+        if self.watchdog is not None:
+            self.watchdog.close()
         if self.keeper is not None:
             if self.keeper.lease_valid():
                 try:
@@ -202,6 +219,14 @@ class Agent:
         if self._said.get(topic) != text:
             self._said[topic] = text
             log.log(level, "%s: %s", self.node, text)
+
+    async def _pet(self) -> None:
+        """The watchdog is petted while the lease is valid or no HA guest is active here."""
+        assert self.watchdog is not None and self.keeper is not None
+        while True:
+            if self.keeper.lease_valid() or not self.active:
+                self.watchdog.pet()
+            await asyncio.sleep(PET_INTERVAL_S)
 
     # --- self-fencing -------------------------------------------------------------------------
 
