@@ -28,20 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.build_guest import build_guest  # noqa: E402
-from tools.ha_hosts import HaHosts  # noqa: E402
+from tools.ha_hosts import HaHosts, guest_toml  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "ha-bench"
-GUEST = f"""
-[guest.vm1]
-disks = ["r0"]
-memory = "128M"
-kernel = "{{kernel}}"
-initrd = "{{initrd}}"
-cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write={MARKER} rblock.loop=100000 rblock.hold=1"
-ha = "started"
-prefer = ["alpha"]
-"""
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) hvctl: (.*)$", re.M)
 
 
@@ -106,7 +96,7 @@ def main() -> int:
     img = build_guest(REPO / "build" / "guest")
     runs = []
     with tempfile.TemporaryDirectory(prefix="ha-bench-", dir=REPO / "build") as tmp, \
-            HaHosts(Path(tmp), GUEST.format(kernel=img.kernel, initrd=img.initrd)) as ha:
+            HaHosts(Path(tmp), guest_toml(img.kernel, img.initrd, MARKER)) as ha:
         ha.start_agents()
         ha.wait(lambda: f"PEEK:{MARKER}" in ha.console("vm1").read_text(errors="replace") or
             "LOOP 2 ok" in ha.console("vm1").read_text(errors="replace"),

@@ -34,17 +34,10 @@ def guest_image():
 
 def guest_toml(image, marker: str, name: str = "vm1", disk: str = "r0", extra: str = "",
                kernel: str | None = None) -> str:
-    return f"""
-[guest.{name}]
-disks = ["{disk}"]
-memory = "256M"
-kernel = "{kernel or image.kernel}"
-initrd = "{image.initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write={marker} rblock.loop=100000 rblock.hold=1"
-ha = "started"
-prefer = ["alpha"]
-{extra}
-"""
+    from tools.ha_hosts import guest_toml as toml
+
+    return toml(Path(kernel) if kernel else image.kernel, image.initrd, marker, name, disk,
+                extra=extra)
 
 
 @pytest.fixture
@@ -247,6 +240,8 @@ def test_witness_down_nothing_moves_then_no_quorum_then_back(ha_hosts, guest_ima
     res = ha.hvctl("ha", "status", check=False)
     assert res.returncode == 1 and "cannot read the HA state" in res.stderr, res.stderr
     assert "self-fenc" in ha.log_text("agent-alpha")
+    fen = ha.res("alpha")["fencing"]  # rblock says it too: no quorum, no lease
+    assert fen["quorum"] is False and not fen["lease"], fen
 
     # The witness is back: quorum (alpha + witness), vm1 runs again on alpha.
     offset = len(text(ha.console("vm1")))

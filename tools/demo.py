@@ -320,20 +320,8 @@ def stage_fencing() -> None:
         stop_by_pid(etcd, signal.SIGTERM, 10)
 
 
-HA_GUEST = """
-[guest.vm1]
-disks = ["r0"]
-memory = "128M"
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write=ha-demo rblock.loop=100000 rblock.hold=1"
-ha = "started"        # hvctl's agents keep it running somewhere
-prefer = ["alpha"]
-"""
-
-
 def stage_ha() -> None:
-    from tools.ha_hosts import HaHosts
+    from tools.ha_hosts import HaHosts, guest_toml
     from tools.libvirt_hosts import LibvirtHostUnavailable, check_requirements
     from tools.netns_hosts import NetHostsUnavailable
     from tools.netns_hosts import check_requirements as net_requirements
@@ -350,7 +338,7 @@ def stage_ha() -> None:
     work = WORK / "ha"
     if work.exists():
         shutil.rmtree(work)
-    guest = HA_GUEST.format(kernel=image.kernel, initrd=image.initrd)
+    guest = guest_toml(image.kernel, image.initrd, "ha-demo")
     with HaHosts(work, guest) as ha:
         cfg = ha.config
         print(f"# {shown(cfg)}: [cluster] etcd = the three members, lease_ttl_s = 5 (the "

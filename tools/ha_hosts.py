@@ -50,6 +50,22 @@ WAIT_POLL_S = 0.05
 STOP_TIMEOUT_S = 20.0
 
 
+def guest_toml(kernel: Path, initrd: Path, marker: str, name: str = "vm1", disk: str = "r0",
+               memory: str = "128M", extra: str = "") -> str:
+    """An HA guest of tools/build_guest.py: at every boot it prints PEEK:<sector 0>, writes
+    MARKER there, then W<i> to block 10 every 0.5 s (LOOP i ok once each is done)."""
+    return f"""
+[guest.{name}]
+disks = ["{disk}"]
+memory = "{memory}"
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 panic=-1 quiet rblock.peek=1 rblock.write={marker} rblock.loop=100000 rblock.hold=1"
+ha = "started"        # hvctl's agents keep it running somewhere
+prefer = ["alpha"]
+{extra}"""
+
+
 class HaHosts:
     def __init__(self, workdir: Path, guests: str, size: str = "64M",
                  lease_ttl_s: int = 5, extra_cluster: str = "",

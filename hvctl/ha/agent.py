@@ -31,8 +31,11 @@ again removes the mark, and the guests running here are adopted (no restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
 import time
 
 import libvirt
@@ -45,7 +48,7 @@ from hvctl.ha.local import Action, Do, local_plan
 from hvctl.ha.model import GuestSpec, HaMode, NodeReport, Record, ResourceObs
 from hvctl.ha.planner import plan
 from hvctl.ha.watchdog import PET_INTERVAL_S, Watchdog, device_for
-from hvctl.virt import VirtError
+from hvctl.virt import VirtError, local_qemu_pids
 from rblock.config import ConfigError
 from rblock.control_client import ControlError
 from rblock.etcd import (
@@ -241,15 +244,23 @@ class Agent:
             self._fence_task.add_done_callback(self._fence_ended)
 
     async def _self_fence(self) -> None:
-        for name in sorted(self.guests):
+        """SIGKILL first, straight from /proc (libvirtd may be the thing that hangs), then
+        let libvirt clean up."""
+        for name, g in sorted(self.guests.items()):
+            pids = local_qemu_pids(g.uuid)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if pids:
+                log.error("%s: %s killed (self-fence; QEMU %s SIGKILLed)", self.node, name,
+                          ", ".join(map(str, pids)))
             try:
                 dom = self.virt.lookup(name)
                 if dom is not None and self.virt.state(dom) != "stopped":
-                    pids = await self.virt.kill(dom, self.guests[name].uuid)
-                    log.error("%s: %s killed (self-fence; QEMU %s SIGKILLed)", self.node,
-                              name, ", ".join(map(str, pids)) or "already gone")
+                    await self.virt.kill(dom, g.uuid)
             except VirtError as e:
-                log.error("%s: self-fence of %s failed: %s", self.node, name, e)
+                log.error("%s: libvirt could not clean up %s after the self-fence: %s",
+                          self.node, name, e)
         self.active = frozenset()
         self._wake.set()
 
