@@ -240,8 +240,8 @@ def test_witness_down_nothing_moves_then_no_quorum_then_back(ha_hosts, guest_ima
     res = ha.hvctl("ha", "status", check=False)
     assert res.returncode == 1 and "cannot read the HA state" in res.stderr, res.stderr
     assert "self-fenc" in ha.log_text("agent-alpha")
-    fen = ha.res("alpha")["fencing"]  # rblock says it too: no quorum, no lease
-    assert fen["quorum"] is False and not fen["lease"], fen
+    fen = ha.res("alpha")["fencing"]  # rblock says it too: no lease, so no lone write
+    assert fen["mode"] == "etcd" and not fen["lease"], fen
 
     # The witness is back: quorum (alpha + witness), vm1 runs again on alpha.
     offset = len(text(ha.console("vm1")))

@@ -271,8 +271,12 @@ def test_kill_all_and_stop_leave_nothing(tmp_path):
         assert beta.pids() == []
         start_echo(beta, tmp_path / "echo2.log")  # the host is usable after kill_all()
         alpha_sleep = net["alpha"].popen(["sleep", "1000"], tmp_path / "sleep.log")
-        everything = [*net["alpha"].pids(), *beta.pids()]
-        assert len(everything) == 2
+        # `ip netns exec` enters the namespace a moment after the Popen returns
+        deadline = time.monotonic() + 5
+        while len(everything := [*net["alpha"].pids(), *beta.pids()]) != 2 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(everything) == 2, everything
         names = [h.netns for h in net]
         links = [net.bridge, *(h.veth for h in net)]
         assert all(Path(f"/sys/class/net/{link}").exists() for link in links)

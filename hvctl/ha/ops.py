@@ -190,7 +190,7 @@ class HaView:
                       if r.state in (State.RELOCATE, State.STARTING)]
             if not stuck and not moving:
                 return []
-            if all("no node can take it" in s for s in stuck):
+            if stuck and all("no node can take it" in s for s in stuck):
                 return stuck
             await asyncio.sleep(WAIT_POLL_S)
         return stuck
