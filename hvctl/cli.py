@@ -6,6 +6,7 @@
     hvctl --config FILE agent --node NAME
     hvctl --config FILE ha status|log|what-if ...
     hvctl --config FILE node maintenance NODE on|off
+    hvctl --config FILE web [--listen HOST:PORT] | web adduser NAME | web token NAME
 
 Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
 usage or a bad config file. With --json the result (or {"error": ...}) is JSON on stdout.
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = top.add_parser("events", help="stream guest lifecycle events from every node")
     p.add_argument("--json", action="store_true")
     from hvctl.ha.cli import add_parsers
+    from hvctl.web.cli import add_parsers as add_web_parsers
 
     add_parsers(top, ns)
+    add_web_parsers(top)
     for name in ("start", "stop", "destroy", "move"):
         gs.choices[name].add_argument("--no-wait", action="store_true",
                                       help="HA guests: return once the agents have the "
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from hvctl.ha.cli import run_agent
 
         return run_agent(cfg, args)
+    if args.group == "web":
+        from hvctl.web.cli import run as run_web
+
+        return run_web(cfg, args)
     return asyncio.run(_run(cfg, args))
 
 

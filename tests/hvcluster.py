@@ -60,3 +60,14 @@ class LoopRunner:
 
     def run(self, coro):  # noqa: ANN001, ANN201 -- any coroutine, its result
         return self.loop.run_until_complete(coro)
+
+
+_SHARED: LoopRunner | None = None
+
+
+def shared_loop() -> LoopRunner:
+    """The one LoopRunner of this test process (every module that runs hvctl in-process)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = LoopRunner()
+    return _SHARED

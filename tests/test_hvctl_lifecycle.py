@@ -19,7 +19,7 @@ import pytest
 from hvctl.config import load
 from hvctl.controller import Controller, HvError
 from tests.cluster import Cluster
-from tests.hvcluster import LoopRunner, hv_config, role
+from tests.hvcluster import LoopRunner, hv_config, role, shared_loop
 
 NODE_XML = """<node>
   <cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets>
@@ -37,7 +37,7 @@ cmdline = "console=ttyS0"
 
 @pytest.fixture(scope="module")
 def loop() -> LoopRunner:
-    return LoopRunner()
+    return shared_loop()
 
 
 @pytest.fixture

@@ -1,0 +1,128 @@
+"""What the web API reads and does: the same functions the CLI calls (hvctl/controller.py,
+hvctl/ha/ops.py), with one error type that carries the HTTP status.
+
+Guest actions on an HA guest while agents run go through the agents (a request, then the
+result), as `hvctl guest start|stop|move` do; otherwise the controller acts itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hvctl.config import HvConfig
+from hvctl.controller import Controller, HvError
+from hvctl.ha.model import HaMode, State
+from hvctl.ha.ops import HaError, HaView
+from hvctl.virt import VirtError
+from rblock.config import ConfigError
+from rblock.control_client import ControlError
+
+ACTIONS = ("start", "stop", "destroy", "move")
+OVERVIEW_LOG_LINES = 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def translate(e: Exception) -> ApiError:
+    """The CLI's one-line message with the right status."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ConfigError):
+        text = str(e)
+        return ApiError(404 if "not in" in text or "not found" in text else 400, text)
+    if isinstance(e, (HvError, HaError)):
+        return ApiError(409, str(e))
+    if isinstance(e, (VirtError, ControlError)):
+        return ApiError(502, str(e))
+    return ApiError(500, f"internal error: {e!r}")
+
+
+class Backend:
+    def __init__(self, cfg: HvConfig) -> None:
+        self.cfg = cfg
+        self.ctl = Controller(cfg)
+        self.ha = HaView.open(cfg) if cfg.cluster.etcd is not None else None
+
+    async def close(self) -> None:
+        self.ctl.close()
+        if self.ha is not None:
+            await self.ha.close()
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def guests(self) -> list[dict]:
+        return await self.ctl.guest_list()
+
+    async def guest(self, name: str) -> dict:
+        return await self.ctl.guest_status(name)
+
+    async def nodes(self) -> list[dict]:
+        return await self.ctl.node_list()
+
+    async def ha_status(self) -> dict[str, Any]:
+        if self.ha is None:
+            return {"leader": None, "nodes": [], "guests": [],
+                    "note": "no [cluster] etcd: HA is off"}
+        try:
+            return await self.ha.status()
+        except HaError as e:
+            return {"leader": None, "nodes": [], "guests": [], "note": str(e)}
+
+    async def ha_log(self) -> list[dict]:
+        if self.ha is None:
+            return []
+        return [d for _, d in await self.ha.log()]
+
+    async def overview(self) -> dict[str, Any]:
+        guests = await self.guests()
+        nodes = await self.nodes()
+        ha = await self.ha_status()
+        try:
+            ha_log = (await self.ha_log())[-OVERVIEW_LOG_LINES:]
+        except HaError:
+            ha_log = []
+        return {"guests": guests, "nodes": nodes, "ha": ha, "ha_log": ha_log,
+                "time": time.time()}
+
+    # --- actions ----------------------------------------------------------------------------
+
+    async def act(self, name: str, action: str, node: str | None) -> str:
+        if action not in ACTIONS:
+            raise ApiError(404, f"no action '{action}'; actions: {', '.join(ACTIONS)}")
+        g = self.cfg.guest(name)  # ConfigError (404) if unknown
+        if action == "move" and not node:
+            raise ApiError(400, 'move needs a target node: {"node": "NAME"}')
+        if node is not None:
+            self.cfg.hv_node(node)
+        if g.ha != "disabled" and self.ha is not None:
+            try:
+                running = await self.ha.agents_running()
+            except HaError:
+                running = False
+            if running:
+                return await self._through_agents(name, action, node)
+        if action == "start":
+            return await self.ctl.start(name, node)
+        if action == "stop":
+            return await self.ctl.stop(name)
+        if action == "destroy":
+            return await self.ctl.destroy(name)
+        assert node is not None
+        return await self.ctl.move(name, node)
+
+    async def _through_agents(self, name: str, action: str, node: str | None) -> str:
+        assert self.ha is not None
+        state = HaMode.STOPPED if action in ("stop", "destroy") else HaMode.STARTED
+        seq = await self.ha.request(name, state, node)
+        ok, rec = await self.ha.wait(name, seq, state, node)
+        if not ok:
+            raise ApiError(409, f"{name}: {rec.state.value}" +
+                           (f" on {rec.node}" if rec.node else "") + f": {rec.reason}")
+        if rec.state is State.STARTED:
+            return f"{name} started on {rec.node} ({rec.reason})"
+        return f"{name} stopped"

@@ -1,0 +1,290 @@
+"""`hvctl web`: the administration page and its REST API (aiohttp), one controller behind
+both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
+
+    GET  /login, POST /login, POST /logout        the page's session
+    GET  /                                        the dashboard (server-rendered, then live)
+    GET  /api/v1/overview                         guests, nodes and HA at once
+    GET  /api/v1/guests, /api/v1/guests/{name}
+    POST /api/v1/guests/{name}/{start|stop|destroy|move}   JSON body {"node": "beta"}
+    GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/tasks
+    GET  /api/v1/events                           server-sent events: the overview on change
+    GET  /api/v1/openapi.json
+
+Errors are JSON {"error": "<the CLI's one-line message>"} with the status: 400 bad input,
+401 not logged in, 403 CSRF or role, 404 unknown guest/node/action, 409 refused, 429 too
+many logins, 502 a node's libvirt or rblock out of reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from hvctl.config import HvConfig
+from hvctl.web import auth
+from hvctl.web.actions import ACTIONS, ApiError, Backend, translate
+from hvctl.web.openapi import OPENAPI
+from hvctl.web.users import User, Users
+
+log = logging.getLogger("hvctl.web")
+
+HERE = Path(__file__).resolve().parent
+TASKS_MAX = 1000
+EVENTS_INTERVAL_S = 1.0  # the overview is sampled this often for the live page
+PUBLIC = ("/login", "/static/")
+
+BACKEND = web.AppKey("backend", Backend)
+USERS = web.AppKey("users", Users)
+SESSIONS = web.AppKey("sessions", auth.Sessions)
+LIMIT = web.AppKey("limit", auth.LoginLimit)
+TASKS = web.AppKey("tasks", deque)
+SECURE = web.AppKey("secure", bool)
+USER = web.RequestKey("user", User)
+SESSION = web.RequestKey("session", object)  # auth.Session or None (a token request)
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _user(request: web.Request) -> User:
+    return request[USER]
+
+
+@web.middleware
+async def access(request: web.Request, handler: Any) -> web.StreamResponse:
+    path = request.path
+    api = path.startswith("/api/")
+    if any(path == p or (p.endswith("/") and path.startswith(p)) for p in PUBLIC):
+        return await handler(request)
+    session = None
+    bearer = request.headers.get("Authorization", "")
+    if bearer.startswith("Bearer "):
+        user = request.app[USERS].check_token(bearer[len("Bearer "):].strip())
+        if user is None:
+            return _json_error(401, "API token not valid; make one with 'hvctl web token "
+                               "NAME'")
+    else:
+        session = request.app[SESSIONS].get(request.cookies.get(auth.COOKIE))
+        if session is None:
+            if api:
+                return _json_error(401, "not logged in; POST /login or send "
+                                   "'Authorization: Bearer TOKEN'")
+            raise web.HTTPFound("/login")
+        user = session.user
+    request[USER] = user
+    request[SESSION] = session
+    if request.method in auth.CHANGING:
+        if session is not None:
+            form = None
+            if request.content_type == "application/x-www-form-urlencoded":
+                form = (await request.post()).get("csrf_token")
+            if not auth.csrf_ok(session, request.headers.get(auth.CSRF_HEADER),
+                                form if isinstance(form, str) else None):
+                return _json_error(403, "CSRF token missing or wrong; reload the page")
+        if not user.admin and path != "/logout":
+            return _json_error(403, f"user {user.name} is a viewer and may not change "
+                               "anything; ask an admin")
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _json_error(e.status, str(e))
+
+
+# --- the session ----------------------------------------------------------------------------
+
+@aiohttp_jinja2.template("login.html")
+async def login_page(request: web.Request) -> dict:
+    return {"error": None}
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    name, password = str(form.get("user", "")), str(form.get("password", ""))
+    keys = [f"ip:{request.remote}", f"user:{name}"]
+    limit = request.app[LIMIT]
+    if not limit.allowed(keys):
+        log.warning("login of %r from %s refused: too many failures", name, request.remote)
+        return aiohttp_jinja2.render_template(
+            "login.html", request, {"error": "Too many failed logins; wait a minute."},
+            status=429)
+    user = request.app[USERS].verify(name, password)
+    if user is None:
+        limit.failed(keys)
+        log.warning("login of %r from %s: wrong user name or password", name, request.remote)
+        return aiohttp_jinja2.render_template(
+            "login.html", request, {"error": "Wrong user name or password."}, status=401)
+    limit.succeeded(keys)
+    session = request.app[SESSIONS].create(user)
+    log.info("%s logged in from %s", user.name, request.remote)
+    resp = web.HTTPFound("/")
+    resp.set_cookie(auth.COOKIE, session.id, httponly=True, samesite="Strict",
+                    secure=request.app[SECURE], max_age=int(auth.SESSION_TTL_S), path="/")
+    raise resp
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    s = request[SESSION]
+    if s is not None:
+        request.app[SESSIONS].drop(s.id)
+    resp = web.HTTPFound("/login")
+    resp.del_cookie(auth.COOKIE, path="/")
+    raise resp
+
+
+# --- the page -------------------------------------------------------------------------------
+
+@aiohttp_jinja2.template("dashboard.html")
+async def dashboard(request: web.Request) -> dict:
+    overview = await request.app[BACKEND].overview()
+    s = request[SESSION]
+    return {"user": _user(request), "csrf": s.csrf if s else "", "o": overview,
+            "o_json": json.dumps(overview)}
+
+
+# --- the API --------------------------------------------------------------------------------
+
+async def _call(coro: Any) -> Any:
+    try:
+        return await coro
+    except Exception as e:  # noqa: BLE001 -- every error becomes its JSON answer
+        raise translate(e) from None
+
+
+async def api_overview(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].overview()))
+
+
+async def api_guests(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].guests()))
+
+
+async def api_guest(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].guest(request.match_info["name"])))
+
+
+async def api_nodes(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].nodes()))
+
+
+async def api_ha_status(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].ha_status()))
+
+
+async def api_ha_log(request: web.Request) -> web.Response:
+    return web.json_response(await _call(request.app[BACKEND].ha_log()))
+
+
+async def api_tasks(request: web.Request) -> web.Response:
+    return web.json_response(list(request.app[TASKS]))
+
+
+async def api_action(request: web.Request) -> web.Response:
+    name, action = request.match_info["name"], request.match_info["action"]
+    if action not in ACTIONS:
+        raise ApiError(404, f"no action '{action}'; actions: {', '.join(ACTIONS)}")
+    body: dict = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not JSON; send {\"node\": \"NAME\"} or "
+                           "nothing") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object like {"node": "beta"}')
+    node = body.get("node")
+    if node is not None and not isinstance(node, str):
+        raise ApiError(400, '"node" must be a node name (a string)')
+    user = _user(request)
+    task = {"id": len(request.app[TASKS]) + 1, "user": user.name, "action": action,
+            "guest": name, "node": node, "started": time.time(), "state": "running",
+            "result": None}
+    request.app[TASKS].append(task)
+    log.info("%s: %s %s%s", user.name, action, name, f" to {node}" if node else "")
+    try:
+        message = await _call(request.app[BACKEND].act(name, action, node))
+    except ApiError as e:
+        task.update(state="failed", result=str(e), ended=time.time())
+        log.warning("%s: %s %s failed: %s", user.name, action, name, e)
+        raise
+    task.update(state="done", result=message, ended=time.time())
+    return web.json_response({"ok": True, "message": message, "task": task["id"]})
+
+
+async def api_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the overview whenever it changes (sampled every second)."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    last = None
+    backend = request.app[BACKEND]
+    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+        while True:
+            try:
+                o = await backend.overview()
+                o.pop("time", None)
+                text = json.dumps(o, sort_keys=True)
+            except Exception as e:  # noqa: BLE001 -- say it on the stream, keep going
+                text = json.dumps({"error": str(translate(e))})
+            if text != last:
+                await resp.write(f"event: overview\ndata: {text}\n\n".encode())
+                last = text
+            else:
+                await resp.write(b": keepalive\n\n")
+            await asyncio.sleep(EVENTS_INTERVAL_S)
+    return resp
+
+
+async def api_openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+async def api_unknown(request: web.Request) -> web.Response:
+    raise ApiError(404, f"no API endpoint {request.method} {request.path}; see "
+                   "/api/v1/openapi.json")
+
+
+def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Application:
+    app = web.Application(middlewares=[access])
+    app[USERS] = users
+    app[SESSIONS] = auth.Sessions()
+    app[LIMIT] = auth.LoginLimit()
+    app[TASKS] = deque(maxlen=TASKS_MAX)
+    app[SECURE] = secure
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
+                         autoescape=jinja2.select_autoescape(["html"]))
+
+    async def backend(app: web.Application):  # noqa: ANN202 -- aiohttp's cleanup context
+        app[BACKEND] = Backend(cfg)
+        yield
+        await app[BACKEND].close()
+
+    app.cleanup_ctx.append(backend)
+    r = app.router
+    r.add_get("/login", login_page)
+    r.add_post("/login", login)
+    r.add_post("/logout", logout)
+    r.add_get("/", dashboard)
+    r.add_static("/static/", HERE / "static")
+    r.add_get("/api/v1/overview", api_overview)
+    r.add_get("/api/v1/guests", api_guests)
+    r.add_get("/api/v1/guests/{name}", api_guest)
+    r.add_post("/api/v1/guests/{name}/{action}", api_action)
+    r.add_get("/api/v1/nodes", api_nodes)
+    r.add_get("/api/v1/ha/status", api_ha_status)
+    r.add_get("/api/v1/ha/log", api_ha_log)
+    r.add_get("/api/v1/tasks", api_tasks)
+    r.add_get("/api/v1/events", api_events)
+    r.add_get("/api/v1/openapi.json", api_openapi)
+    r.add_route("*", "/api/{tail:.*}", api_unknown)
+    return app

@@ -1,0 +1,53 @@
+"""The OpenAPI document of /api/v1 (served at /api/v1/openapi.json)."""
+
+from __future__ import annotations
+
+_ERR = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
+_OBJ = {"content": {"application/json": {"schema": {"type": "object"}}}}
+_LIST = {"content": {"application/json": {"schema": {"type": "array",
+                                                      "items": {"type": "object"}}}}}
+
+
+def _get(summary: str, body: dict, params: list | None = None) -> dict:
+    op = {"summary": summary, "responses": {"200": {"description": "ok", **body},
+                                            "401": _ERR, "502": _ERR}}
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_ACTION = {"name": "action", "in": "path", "required": True,
+           "schema": {"type": "string", "enum": ["start", "stop", "destroy", "move"]}}
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "hvctl", "version": "1",
+             "description": "The cluster's guests, nodes and HA. Auth: the session cookie "
+                            "of /login (then X-CSRF-Token on changes) or "
+                            "'Authorization: Bearer hvk_...'."},
+    "components": {"securitySchemes": {
+        "token": {"type": "http", "scheme": "bearer"},
+        "session": {"type": "apiKey", "in": "cookie", "name": "hvctl_session"}}},
+    "security": [{"token": []}, {"session": []}],
+    "paths": {
+        "/api/v1/overview": _get("guests, nodes and HA at once", _OBJ),
+        "/api/v1/guests": _get("every guest with its state, node and disks", _LIST),
+        "/api/v1/guests/{name}": _get("one guest", _OBJ, [_NAME]),
+        "/api/v1/guests/{name}/{action}": {"post": {
+            "summary": "start, stop, destroy or move a guest (HA guests: through the agents)",
+            "parameters": [_NAME, _ACTION],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"node": {"type": "string"}}}}}},
+            "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
+                          "403": _ERR, "404": _ERR, "409": _ERR, "502": _ERR}}},
+        "/api/v1/nodes": _get("every node: libvirt, guests, rblock roles", _LIST),
+        "/api/v1/ha/status": _get("the HA leader, nodes and guests", _OBJ),
+        "/api/v1/ha/log": _get("the HA decision log", _LIST),
+        "/api/v1/tasks": _get("every action taken through the API, who and how it ended",
+                              _LIST),
+        "/api/v1/events": {"get": {"summary": "server-sent events: the overview on change",
+                                   "responses": {"200": {"description": "text/event-stream"}}}},
+    },
+}

@@ -1,0 +1,79 @@
+// The dashboard, kept live by server-sent events (/api/v1/events); actions go to the API
+// with the session's CSRF token. No framework: the page is small.
+"use strict";
+const H = window.HVCTL;
+const $ = (id) => document.getElementById(id);
+const el = (tag, attrs = {}, ...kids) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(String(k ?? "")));
+  return e;
+};
+const state = (s) => el("span", {class: `state-${s}`}, s);
+
+async function act(guest, action, node) {
+  const what = `${action} ${guest}${node ? " to " + node : ""}`;
+  if (!confirm(`Really ${what}?`)) return;
+  $("result").textContent = `${what}: running...`;
+  const resp = await fetch(`/api/v1/guests/${encodeURIComponent(guest)}/${action}`, {
+    method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": H.csrf},
+    body: JSON.stringify(node ? {node} : {}),
+  });
+  const data = await resp.json().catch(() => ({error: `HTTP ${resp.status}`}));
+  $("result").textContent = resp.ok ? data.message : `${what} failed: ${data.error}`;
+  $("result").className = resp.ok ? "" : "error";
+}
+
+function render(o) {
+  if (o.error) { $("result").textContent = o.error; return; }
+  const haGuests = Object.fromEntries((o.ha.guests || []).map((g) => [g.name, g]));
+  const haNodes = Object.fromEntries((o.ha.nodes || []).map((n) => [n.name, n]));
+  const running = o.guests.filter((g) => g.state === "running").length;
+  const lost = (o.ha.nodes || []).filter((n) => n.state === "lost" || n.state === "fenced").length;
+  $("summary").replaceChildren(
+    el("div", {class: "tile"}, "Guests running", el("b", {}, `${running} / ${o.guests.length}`)),
+    el("div", {class: "tile"}, "Nodes", el("b", {}, `${o.nodes.length}`)),
+    el("div", {class: "tile"}, "Nodes lost", el("b", {class: lost ? "state-lost" : ""}, lost)),
+    el("div", {class: "tile"}, "HA leader", el("b", {}, o.ha.leader || "none")),
+  );
+  const nodes = o.nodes.map((n) => n.name);
+  $("guests").replaceChildren(...o.guests.map((g) => {
+    const ha = haGuests[g.name];
+    const acts = el("td");
+    if (H.admin) {
+      const running = g.state === "running";
+      acts.append(el("button", {type: "button", onclick: () => act(g.name, "start"),
+        "aria-label": `start ${g.name}`, ...(running ? {disabled: ""} : {})}, "Start"), " ",
+        el("button", {type: "button", onclick: () => act(g.name, "stop"),
+        "aria-label": `stop ${g.name}`, ...(running ? {} : {disabled: ""})}, "Stop"), " ");
+      for (const n of nodes.filter((n) => n !== g.node)) {
+        acts.append(el("button", {type: "button", onclick: () => act(g.name, "move", n),
+          "aria-label": `move ${g.name} to ${n}`, ...(running ? {} : {disabled: ""})}, `Move to ${n}`), " ");
+      }
+    }
+    return el("tr", {"data-guest": g.name}, el("td", {}, g.name), el("td", {}, state(g.state)),
+      el("td", {}, g.node || "-"),
+      el("td", {}, ha ? state(ha.state) : "-", ha ? el("div", {class: "muted"}, ha.reason) : ""),
+      el("td", {}, g.disks.map((d) => `${d.resource} ${d.role || "?"}/${d.disk || "?"}`).join(", ")),
+      acts);
+  }));
+  $("nodes").replaceChildren(...o.nodes.map((n) => {
+    const ha = haNodes[n.name];
+    const guests = Object.entries(n.guests || {}).map(([g, s]) => `${g} (${s})`).join(", ") || "-";
+    const rb = n.rblock ? Object.entries(n.rblock).map(([r, v]) => `${r} ${v.role}/${v.disk}`).join(", ")
+      : (n.rblock_error || "unreachable");
+    return el("tr", {"data-node": n.name}, el("td", {}, n.name), el("td", {}, ha ? state(ha.state) : "-"),
+      el("td", {}, n.reachable ? `${n.libvirt_version || ""} up` : (n.error || "unreachable")),
+      el("td", {}, guests), el("td", {}, rb));
+  }));
+  $("ha-leader").textContent = o.ha.note || `Leader: ${o.ha.leader || "none"}`;
+  $("ha-log").replaceChildren(...(o.ha_log || []).slice().reverse().map((d) =>
+    el("li", {}, `${new Date(d.time * 1000).toLocaleTimeString()} ${d.guest}: ${d.text}`)));
+}
+
+render(H.overview);
+const events = new EventSource("/api/v1/events");
+events.addEventListener("overview", (ev) => render(JSON.parse(ev.data)));

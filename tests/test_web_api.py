@@ -1,0 +1,220 @@
+"""hvctl web: the REST API and the page's access rules, in-process (aiohttp's test client),
+against libvirt's test:///default driver and rblock nodes that are not running (so actions
+are refused with the controller's own message). The browser tests drive the real thing."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hvctl.config import load
+from hvctl.web.app import make_app
+from hvctl.web.auth import LOGIN_ATTEMPTS_MAX
+from hvctl.web.users import UserError, Users
+from tests.cluster import free_ports
+from tests.hvcluster import shared_loop
+
+CONFIG = textwrap.dedent("""\
+    [hvctl]
+    state_dir = "state"
+    [resource.r0]
+    size = "64M"
+    secret = "s"
+    [node.alpha]
+    replication = "127.0.0.1:{0}"
+    control = "127.0.0.1:{1}"
+    nbd = "127.0.0.1:{2}"
+    libvirt = "test:///default"
+    [node.alpha.disk]
+    r0 = "a/r0.img"
+    [node.beta]
+    replication = "127.0.0.1:{3}"
+    control = "127.0.0.1:{4}"
+    nbd = "127.0.0.1:{5}"
+    libvirt = "test:///default"
+    [node.beta.disk]
+    r0 = "b/r0.img"
+    [guest.vm1]
+    disks = ["r0"]
+    domain_type = "qemu"
+    """)
+PASSWORD = "correct horse"
+
+
+@pytest.fixture
+def web(tmp_path: Path):
+    cfgfile = tmp_path / "cluster.toml"
+    cfgfile.write_text(CONFIG.format(*free_ports(6)))
+    cfg = load(cfgfile)
+    users = Users(tmp_path / "users.json")
+    users.add("ann", "admin", PASSWORD)
+    users.add("vic", "viewer", PASSWORD)
+    loop = shared_loop()
+    client = TestClient(TestServer(make_app(cfg, users)), loop=loop.loop)
+    loop.run(client.start_server())
+    yield loop, client, users
+    loop.run(client.close())
+
+
+async def login(client: TestClient, user: str = "ann", password: str = PASSWORD):
+    r = await client.post("/login", data={"user": user, "password": password},
+                          allow_redirects=False)
+    return r
+
+
+async def csrf(client: TestClient) -> str:
+    page = await (await client.get("/")).text()
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def test_everything_needs_a_login(web):
+    loop, c, _ = web
+
+    async def go():
+        r = await c.get("/api/v1/guests")
+        assert r.status == 401 and "not logged in" in (await r.json())["error"]
+        r = await c.get("/", allow_redirects=False)
+        assert r.status == 302 and r.headers["Location"] == "/login"
+        r = await c.post("/api/v1/guests/vm1/start")
+        assert r.status == 401
+        r = await c.get("/login")
+        assert r.status == 200 and 'name="password"' in await r.text()
+    loop.run(go())
+
+
+def test_login_cookie_and_dashboard(web):
+    loop, c, _ = web
+
+    async def go():
+        r = await login(c, password="wrong password")
+        assert r.status == 401 and "Wrong user name or password" in await r.text()
+        r = await login(c)
+        assert r.status == 302
+        cookie = r.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
+        page = await (await c.get("/")).text()
+        assert "vm1" in page and "ann (admin)" in page
+        guests = await (await c.get("/api/v1/guests")).json()
+        assert [g["name"] for g in guests] == ["vm1"] and guests[0]["state"] == "undefined"
+        nodes = await (await c.get("/api/v1/nodes")).json()
+        assert [n["name"] for n in nodes] == ["alpha", "beta"] and nodes[0]["reachable"]
+        assert nodes[0]["rblock"] is None and "is 'rblock up' running" in nodes[0]["rblock_error"]
+        ha = await (await c.get("/api/v1/ha/status")).json()
+        assert ha["note"] == "no [cluster] etcd: HA is off"
+    loop.run(go())
+
+
+def test_errors_are_json_with_the_right_status(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c)
+        token = await csrf(c)
+        h = {"X-CSRF-Token": token}
+        r = await c.get("/api/v1/guests/nope")
+        assert r.status == 404
+        assert "guest 'nope' not in" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/start")  # no CSRF token
+        assert r.status == 403 and "CSRF" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/start", headers={"X-CSRF-Token": "forged"})
+        assert r.status == 403
+        r = await c.post("/api/v1/guests/vm1/start", headers=h, data=b"{not json",
+                         )
+        assert r.status == 400 and "not JSON" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/explode", headers=h)
+        assert r.status == 404 and "no action 'explode'" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/move", headers=h, json={})
+        assert r.status == 400 and "needs a target node" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/move", headers=h, json={"node": "gamma"})
+        assert r.status == 404 and "gamma" in (await r.json())["error"]
+        # rblock is not running: the controller refuses, with its own one-line message
+        r = await c.post("/api/v1/guests/vm1/start", headers=h, json={"node": "alpha"})
+        body = await r.json()
+        assert r.status in (409, 502) and "rblock" in body["error"], body
+        r = await c.get("/api/v1/nope")
+        assert r.status == 404 and "openapi.json" in (await r.json())["error"]
+        tasks = await (await c.get("/api/v1/tasks")).json()
+        assert [(t["user"], t["action"], t["state"]) for t in tasks][-1] == (
+            "ann", "start", "failed")
+    loop.run(go())
+
+
+def test_viewer_reads_but_cannot_act(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c, "vic")
+        token = await csrf(c)
+        assert (await c.get("/api/v1/guests")).status == 200
+        r = await c.post("/api/v1/guests/vm1/start", headers={"X-CSRF-Token": token})
+        assert r.status == 403 and "vic is a viewer" in (await r.json())["error"]
+        page = await (await c.get("/")).text()
+        assert '"admin": false' in page.replace("admin: false", '"admin": false')
+    loop.run(go())
+
+
+def test_api_tokens(web):
+    loop, c, users = web
+    token = users.new_token("ann")
+    vtoken = users.new_token("vic")
+
+    async def go():
+        auth = {"Authorization": f"Bearer {token}"}
+        assert (await c.get("/api/v1/guests", headers=auth)).status == 200
+        r = await c.post("/api/v1/guests/vm1/explode", headers=auth)  # no CSRF for tokens
+        assert r.status == 404
+        r = await c.get("/api/v1/guests", headers={"Authorization": "Bearer hvk_x_y"})
+        assert r.status == 401 and "token not valid" in (await r.json())["error"]
+        r = await c.post("/api/v1/guests/vm1/start", headers={"Authorization": f"Bearer {vtoken}"})
+        assert r.status == 403
+    loop.run(go())
+    assert users.check_token(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+
+
+def test_login_attempts_are_limited(web):
+    loop, c, _ = web
+
+    async def go():
+        for _ in range(LOGIN_ATTEMPTS_MAX):
+            assert (await login(c, password="wrong password")).status == 401
+        r = await login(c)  # even the right password, for a while
+        assert r.status == 429 and "Too many failed logins" in await r.text()
+    loop.run(go())
+
+
+def test_openapi_and_events(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c)
+        doc = await (await c.get("/api/v1/openapi.json")).json()
+        assert doc["openapi"].startswith("3.") and "/api/v1/guests/{name}/{action}" in doc["paths"]
+        r = await c.get("/api/v1/events")
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        line = b""
+        while not line.startswith(b"data: "):
+            line = await r.content.readline()
+        data = json.loads(line[len(b"data: "):])
+        assert [g["name"] for g in data["guests"]] == ["vm1"]
+        r.close()
+    loop.run(go())
+
+
+def test_users_file_refuses_bad_input(tmp_path):
+    users = Users(tmp_path / "u.json")
+    with pytest.raises(UserError, match="shorter than 8"):
+        users.add("ann", "admin", "short")
+    with pytest.raises(UserError, match="role 'root' is not one of admin, viewer"):
+        users.add("ann", "root", PASSWORD)
+    with pytest.raises(UserError, match="not allowed"):
+        users.add("a b", "admin", PASSWORD)
+    users.add("ann", "admin", PASSWORD)
+    assert (tmp_path / "u.json").stat().st_mode & 0o777 == 0o600
+    assert "argon2id" in (tmp_path / "u.json").read_text()
+    assert Users(tmp_path / "u.json").verify("ann", PASSWORD).admin
+    assert Users(tmp_path / "u.json").verify("bob", PASSWORD) is None
