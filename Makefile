@@ -16,7 +16,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc openssl \
 	qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio \
 	busybox-static linux-image-amd64 cpio xz-utils iproute2 nftables procps \
 	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config util-linux mount \
-	etcd-server etcd-client
+	etcd-server etcd-client chromium
 
 .PHONY: deps venv test demo bench lint clean
 

@@ -63,10 +63,13 @@ function render(o) {
   $("nodes").replaceChildren(...o.nodes.map((n) => {
     const ha = haNodes[n.name];
     const guests = Object.entries(n.guests || {}).map(([g, s]) => `${g} (${s})`).join(", ") || "-";
+    // Unreachable: one word in the table, the whole message (what to do) on hover/focus.
+    const down = (why) => el("span", {class: "state-lost", title: why || "", tabindex: "0"},
+      "unreachable");
     const rb = n.rblock ? Object.entries(n.rblock).map(([r, v]) => `${r} ${v.role}/${v.disk}`).join(", ")
-      : (n.rblock_error || "unreachable");
+      : down(n.rblock_error);
     return el("tr", {"data-node": n.name}, el("td", {}, n.name), el("td", {}, ha ? state(ha.state) : "-"),
-      el("td", {}, n.reachable ? `${n.libvirt_version || ""} up` : (n.error || "unreachable")),
+      el("td", {}, n.reachable ? `${n.libvirt_version || ""} up` : down(n.error)),
       el("td", {}, guests), el("td", {}, rb));
   }));
   $("ha-leader").textContent = o.ha.note || `Leader: ${o.ha.leader || "none"}`;

@@ -1,0 +1,152 @@
+"""hvctl web in a real browser (Playwright driving Debian's chromium; no browser download)
+against the three simulated HA hosts of tools/ha_hosts.py with a real TCG guest, and a real
+`hvctl web` process: log in, see the guest, move it with a button, watch the page follow a
+host's death without a reload; a wrong password and a viewer are refused. Screenshots go to
+build/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.cluster import REPO, free_ports
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO / "build" / "screenshots"
+PASSWORD = "correct horse"
+UI_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def ha_web(tmp_path_factory):
+    from tools.build_guest import build_guest
+    from tools.ha_hosts import HaHosts, guest_toml
+    from tools.libvirt_hosts import LibvirtHostUnavailable, check_requirements
+    from tools.netns_hosts import NetHostsUnavailable
+    from tools.netns_hosts import check_requirements as net_requirements
+
+    try:
+        check_requirements()
+        net_requirements()
+        if not os.path.exists(CHROMIUM):
+            raise LibvirtHostUnavailable(f"{CHROMIUM} missing; apt-get install chromium")
+        import playwright  # noqa: F401
+    except (LibvirtHostUnavailable, NetHostsUnavailable, ImportError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    img = build_guest(REPO / "build" / "guest")
+    ha = HaHosts(tmp_path_factory.mktemp("haweb"),
+                 guest_toml(img.kernel, img.initrd, f"web-{uuid.uuid4().hex[:8]}"))
+    web = None
+    try:
+        ha.start()
+        ha.start_agents()
+        for name, role in (("ann", "admin"), ("vic", "viewer")):
+            subprocess.run([sys.executable, "-m", "hvctl", "--config", str(ha.config), "web",
+                            "adduser", name, "--role", role, "--password-stdin"],
+                           input=PASSWORD + "\n", text=True, check=True, cwd=REPO,
+                           capture_output=True)
+        port = free_ports(1)[0]
+        log = (ha.dir / "web.log").open("wb")
+        web = subprocess.Popen([sys.executable, "-m", "hvctl", "--config", str(ha.config),
+                                "web", "--listen", f"127.0.0.1:{port}"], stdout=log,
+                               stderr=subprocess.STDOUT, cwd=REPO)
+        ha.wait(lambda: "serving" in (ha.dir / "web.log").read_text(), "hvctl web up", 30)
+        yield ha, f"http://127.0.0.1:{port}"
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(20)
+        ha.stop()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def row(page, guest: str):
+    return page.locator(f'#guests tr[data-guest="{guest}"]')
+
+
+def node_row(page, node: str):
+    return page.locator(f'#nodes tr[data-node="{node}"]')
+
+
+def login(page, base: str, user: str, password: str = PASSWORD) -> None:
+    page.goto(base + "/")
+    assert page.url.endswith("/login")
+    page.get_by_label("User").fill(user)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_log_in_move_and_watch_a_failover_live(ha_web):
+    from playwright.sync_api import expect, sync_playwright
+
+    ha, base = ha_web
+    ha.wait(lambda: "LOOP 2 ok" in ha.console("vm1").read_text(errors="replace"),
+            "vm1 booted", 90)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("dialog", lambda d: d.accept())  # the action confirmations
+
+            login(page, base, "ann", "wrong password")
+            expect(page.get_by_role("alert")).to_contain_text("Wrong user name or password")
+            shot(page, "login-refused")
+
+            login(page, base, "ann")
+            expect(row(page, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1").locator("td").nth(2)).to_have_text("alpha")
+            expect(node_row(page, "alpha")).to_contain_text("online", timeout=UI_TIMEOUT_MS)
+            page.evaluate("window.notReloaded = true")
+            shot(page, "dashboard")
+
+            # Move with a button: ACPI on alpha, then a start on beta, through the agents.
+            page.get_by_role("button", name="move vm1 to beta").click()
+            expect(page.locator("#result")).to_contain_text("vm1 started on beta",
+                                                            timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1").locator("td").nth(2)).to_have_text(
+                "beta", timeout=UI_TIMEOUT_MS)
+
+            # beta dies: the page shows it lost and vm1 running on alpha again, live.
+            ha.crash("beta")
+            expect(node_row(page, "beta")).to_contain_text(re.compile("lost|fenced"),
+                                                           timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1").locator("td").nth(2)).to_have_text(
+                "alpha", timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#ha-log")).to_contain_text("recovering on alpha")
+            assert page.evaluate("window.notReloaded") is True  # never reloaded
+            shot(page, "failover")
+
+            # A viewer sees everything, has no action buttons, and the API refuses it.
+            viewer = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            login(viewer, base, "vic")
+            expect(row(viewer, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
+            assert viewer.get_by_role("button", name=re.compile("move vm1")).count() == 0
+            status, body = viewer.evaluate("""async () => {
+                const r = await fetch('/api/v1/guests/vm1/stop', {method: 'POST',
+                    headers: {'X-CSRF-Token': window.HVCTL.csrf}});
+                return [r.status, await r.json()]; }""")
+            assert status == 403 and "vic is a viewer" in body["error"], body
+            shot(viewer, "viewer-phone")
+        finally:
+            browser.close()
+    docs = REPO / "docs"
+    if docs.is_dir():
+        for name in ("dashboard", "failover"):
+            shutil.copy(SHOTS / f"{name}.png", docs / f"web-{name}.png")
