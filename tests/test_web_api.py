@@ -218,3 +218,19 @@ def test_users_file_refuses_bad_input(tmp_path):
     assert "argon2id" in (tmp_path / "u.json").read_text()
     assert Users(tmp_path / "u.json").verify("ann", PASSWORD).admin
     assert Users(tmp_path / "u.json").verify("bob", PASSWORD) is None
+
+
+def test_console_websocket_refusals(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c, "vic")
+        r = await c.get("/api/v1/guests/vm1/console")
+        assert r.status == 403 and "may not use a console" in (await r.json())["error"]
+        await c.post("/logout", headers={"X-CSRF-Token": await csrf(c)})
+        await login(c)
+        r = await c.get("/api/v1/guests/vm1/console", headers={"Origin": "http://evil.example"})
+        assert r.status == 403 and "another site" in (await r.json())["error"]
+        r = await c.get("/api/v1/guests/vm1/console")
+        assert r.status == 409 and "vm1 is not running" in (await r.json())["error"]
+    loop.run(go())

@@ -2,13 +2,12 @@
 against the three simulated HA hosts of tools/ha_hosts.py with a real TCG guest, and a real
 `hvctl web` process: log in, see the guest, move it with a button, watch the page follow a
 host's death without a reload; a wrong password and a viewer are refused. Screenshots go to
-build/screenshots/."""
+build/screenshots/ (docs/web-*.png are copies of the best, made by hand)."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import uuid
@@ -115,6 +114,13 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             page.evaluate("window.notReloaded = true")
             shot(page, "dashboard")
 
+            # The serial console in the page: the guest's loop prints there as it runs.
+            page.get_by_role("button", name="console of vm1").click()
+            expect(page.locator("#console .xterm-rows")).to_contain_text(
+                re.compile(r"LOOP \d+ ok"), timeout=UI_TIMEOUT_MS)
+            shot(page, "console")
+            page.get_by_role("button", name="Close the console").click()
+
             # Move with a button: ACPI on alpha, then a start on beta, through the agents.
             page.get_by_role("button", name="move vm1 to beta").click()
             expect(page.locator("#result")).to_contain_text("vm1 started on beta",
@@ -146,7 +152,3 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             shot(viewer, "viewer-phone")
         finally:
             browser.close()
-    docs = REPO / "docs"
-    if docs.is_dir():
-        for name in ("dashboard", "failover"):
-            shutil.copy(SHOTS / f"{name}.png", docs / f"web-{name}.png")

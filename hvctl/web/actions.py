@@ -89,6 +89,14 @@ class Backend:
         return {"guests": guests, "nodes": nodes, "ha": ha, "ha_log": ha_log,
                 "time": time.time()}
 
+    async def console(self, name: str):  # noqa: ANN201 -- a hvctl.web.console.Console
+        from hvctl.web.console import Console
+
+        p = self.ctl.locate(self.cfg.guest(name))
+        if not p.active:
+            raise ApiError(409, f"{name} is not running; start it to use its console")
+        return await Console.open(self.ctl.virts[p.active[0]], name)
+
     # --- actions ----------------------------------------------------------------------------
 
     async def act(self, name: str, action: str, node: str | None) -> str:

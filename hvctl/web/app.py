@@ -8,6 +8,7 @@ both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
     POST /api/v1/guests/{name}/{start|stop|destroy|move}   JSON body {"node": "beta"}
     GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/tasks
     GET  /api/v1/events                           server-sent events: the overview on change
+    GET  /api/v1/guests/{name}/console            websocket: the guest's serial console
     GET  /api/v1/openapi.json
 
 Errors are JSON {"error": "<the CLI's one-line message>"} with the status: 400 bad input,
@@ -245,6 +246,44 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def api_console(request: web.Request) -> web.StreamResponse:
+    """The guest's serial console over a websocket (admins only: it types into the guest).
+    A browser sends the session cookie with it but no CSRF header, so the Origin must be
+    this server (no other site's page may open it)."""
+    user = _user(request)
+    if not user.admin:
+        raise ApiError(403, f"user {user.name} is a viewer and may not use a console; ask "
+                       "an admin")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.split("://", 1)[-1] != request.host:
+        raise ApiError(403, f"websocket from another site ({origin}) refused")
+    name = request.match_info["name"]
+    console = await _call(request.app[BACKEND].console(name))
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    log.info("%s: console of %s opened", user.name, name)
+
+    async def pump() -> None:
+        async for chunk in console:
+            await ws.send_bytes(chunk)
+        await ws.close()
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                console.send(msg.data.encode())
+            elif msg.type == web.WSMsgType.BINARY:
+                console.send(msg.data)
+    finally:
+        console.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("%s: console of %s closed", user.name, name)
+    return ws
+
+
 async def api_openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
@@ -280,6 +319,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_get("/api/v1/guests", api_guests)
     r.add_get("/api/v1/guests/{name}", api_guest)
     r.add_post("/api/v1/guests/{name}/{action}", api_action)
+    r.add_get("/api/v1/guests/{name}/console", api_console)
     r.add_get("/api/v1/nodes", api_nodes)
     r.add_get("/api/v1/ha/status", api_ha_status)
     r.add_get("/api/v1/ha/log", api_ha_log)

@@ -49,6 +49,8 @@ function render(o) {
         "aria-label": `start ${g.name}`, ...(running ? {disabled: ""} : {})}, "Start"), " ",
         el("button", {type: "button", onclick: () => act(g.name, "stop"),
         "aria-label": `stop ${g.name}`, ...(running ? {} : {disabled: ""})}, "Stop"), " ");
+      acts.append(el("button", {type: "button", onclick: () => openConsole(g.name),
+        "aria-label": `console of ${g.name}`, ...(running ? {} : {disabled: ""})}, "Console"), " ");
       for (const n of nodes.filter((n) => n !== g.node)) {
         acts.append(el("button", {type: "button", onclick: () => act(g.name, "move", n),
           "aria-label": `move ${g.name} to ${n}`, ...(running ? {} : {disabled: ""})}, `Move to ${n}`), " ");
@@ -76,6 +78,30 @@ function render(o) {
   $("ha-log").replaceChildren(...(o.ha_log || []).slice().reverse().map((d) =>
     el("li", {}, `${new Date(d.time * 1000).toLocaleTimeString()} ${d.guest}: ${d.text}`)));
 }
+
+// The serial console: xterm.js on a websocket to the guest's console (libvirt's stream).
+let consoleWs = null, term = null;
+function openConsole(guest) {
+  closeConsole();
+  $("console-card").hidden = false;
+  $("console-title").textContent = `Console of ${guest} (keys go to the guest)`;
+  term = new Terminal({convertEol: false, rows: 24, cols: 100});
+  term.open($("console"));
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  consoleWs = new WebSocket(`${proto}://${location.host}/api/v1/guests/${encodeURIComponent(guest)}/console`);
+  consoleWs.binaryType = "arraybuffer";
+  consoleWs.onmessage = (ev) => term.write(new Uint8Array(ev.data));
+  consoleWs.onclose = () => term && term.write("\r\n[console closed]\r\n");
+  term.onData((d) => consoleWs && consoleWs.readyState === 1 && consoleWs.send(d));
+  term.focus();
+}
+function closeConsole() {
+  if (consoleWs) consoleWs.close();
+  if (term) term.dispose();
+  consoleWs = term = null;
+  $("console-card").hidden = true;
+}
+$("console-close").addEventListener("click", closeConsole);
 
 render(H.overview);
 const events = new EventSource("/api/v1/events");

@@ -1,0 +1,51 @@
+"""The browser libraries shipped with hvctl web, from the npm registry at pinned versions
+(hosts have no internet at run time, so nothing is loaded from a CDN).
+
+    .venv/bin/python tools/web_vendor.py     # fetch with `npm pack`, check, copy
+
+Each entry: the package, its version, the sha256 of the tarball `npm pack` downloads, and
+the files copied from it into hvctl/web/static/vendor/NAME-VERSION/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENDOR = REPO / "hvctl" / "web" / "static" / "vendor"
+LIBS = [
+    # xterm.js: the guest's serial console in the page
+    ("@xterm/xterm", "5.5.0", "bd954fa721872170188cc5d7e83e88db3c83c9a18a4e8d24c2783d26491f59d2",
+     "xterm", ["lib/xterm.js", "css/xterm.css", "LICENSE"]),
+]
+
+
+def main() -> int:
+    for package, version, sha256, name, files in LIBS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run(["npm", "pack", f"{package}@{version}"], cwd=tmp,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            tgz = Path(tmp) / out[-1]
+            got = hashlib.sha256(tgz.read_bytes()).hexdigest()
+            if got != sha256:
+                print(f"{package}@{version}: sha256 {got}, expected {sha256}; not copied",
+                      file=sys.stderr)
+                return 1
+            with tarfile.open(tgz) as t:
+                t.extractall(tmp, filter="data")
+            dest = VENDOR / f"{name}-{version}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy(Path(tmp) / "package" / f, dest / Path(f).name)
+            print(f"{package}@{version} -> {dest.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
