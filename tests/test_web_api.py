@@ -234,3 +234,27 @@ def test_console_websocket_refusals(web):
         r = await c.get("/api/v1/guests/vm1/console")
         assert r.status == 409 and "vm1 is not running" in (await r.json())["error"]
     loop.run(go())
+
+
+def test_safety_levels():
+    from hvctl.web.safety import guest_safety
+
+    def st(role, disk, conn="Connected", pdisk="UpToDate", oos=0, fencing="etcd", repl="Established",
+           pct=100.0, eta=None):
+        return {"role": role, "disk": disk, "fencing": {"mode": fencing}, "peers": [
+            {"node": "beta", "connection": conn, "disk": pdisk, "out_of_sync_bytes": oos,
+             "replication": repl, "sync_percent": pct, "eta_s": eta}]}
+
+    ok = {"r0": {"alpha": st("Primary", "UpToDate"), "beta": st("Secondary", "UpToDate")}}
+    assert guest_safety(["r0"], ok) == {"level": "protected",
+                                        "why": "r0 UpToDate on alpha and beta"}
+    syncing = {"r0": {"alpha": st("Primary", "UpToDate", pdisk="Inconsistent", oos=4096,
+                                  repl="SyncSource", pct=42.0, eta=7.0), "beta": {}}}
+    assert guest_safety(["r0"], syncing) == {
+        "level": "degraded", "why": "r0 on beta is Inconsistent, resync 42.0 %, about 7 s left"}
+    cut = {"r0": {"alpha": st("Primary", "UpToDate", conn="Connecting", pdisk="DUnknown")}}
+    assert guest_safety(["r0"], cut)["level"] == "unprotected"
+    nofence = {"r0": {"alpha": st("Primary", "UpToDate", fencing="none")}}
+    assert "fencing is off" in guest_safety(["r0"], nofence)["why"]
+    assert guest_safety(["r0", "r1"], {**ok, "r1": {}}) == {
+        "level": "unprotected", "why": "r0 UpToDate on alpha and beta; r1: no node answers"}

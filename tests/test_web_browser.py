@@ -111,6 +111,10 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             expect(row(page, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
             expect(row(page, "vm1").locator("td").nth(2)).to_have_text("alpha")
             expect(node_row(page, "alpha")).to_contain_text("online", timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1").locator("td").nth(4).locator("span")).to_have_text(
+                "protected", timeout=UI_TIMEOUT_MS)
+            expect(page.locator('#storage tr[data-resource="r0@beta"]')).to_contain_text(
+                "Secondary")
             page.evaluate("window.notReloaded = true")
             shot(page, "dashboard")
 
@@ -135,6 +139,8 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             expect(row(page, "vm1").locator("td").nth(2)).to_have_text(
                 "alpha", timeout=UI_TIMEOUT_MS)
             expect(row(page, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1").locator("td").nth(4).locator("span")).to_have_text(
+                "unprotected", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#ha-log")).to_contain_text("recovering on alpha")
             assert page.evaluate("window.notReloaded") is True  # never reloaded
             shot(page, "failover")

@@ -15,6 +15,7 @@ from hvctl.controller import Controller, HvError
 from hvctl.ha.model import HaMode, State
 from hvctl.ha.ops import HaError, HaView
 from hvctl.virt import VirtError
+from hvctl.web.safety import guest_safety
 from rblock.config import ConfigError
 from rblock.control_client import ControlError
 
@@ -78,16 +79,33 @@ class Backend:
             return []
         return [d for _, d in await self.ha.log()]
 
+    async def storage(self) -> dict[str, dict[str, dict]]:
+        """resource -> node -> that node's rblock status of it ({} if it cannot be asked)."""
+        out: dict[str, dict[str, dict]] = {r: {} for r in self.cfg.cluster.resources}
+        for node in self.cfg.cluster.nodes:
+            try:
+                st = await self.ctl.control(node).status()
+            except ControlError:
+                st = {"resources": []}
+            have = {r["name"]: r for r in st["resources"]}
+            for r in out:
+                if node in self.cfg.cluster.resource(r).nodes:
+                    out[r][node] = have.get(r, {})
+        return out
+
     async def overview(self) -> dict[str, Any]:
         guests = await self.guests()
         nodes = await self.nodes()
+        storage = await self.storage()
+        for g in guests:
+            g["safety"] = guest_safety(list(self.cfg.guest(g["name"]).disks), storage)
         ha = await self.ha_status()
         try:
             ha_log = (await self.ha_log())[-OVERVIEW_LOG_LINES:]
         except HaError:
             ha_log = []
         return {"guests": guests, "nodes": nodes, "ha": ha, "ha_log": ha_log,
-                "time": time.time()}
+                "storage": storage, "time": time.time()}
 
     async def console(self, name: str):  # noqa: ANN201 -- a hvctl.web.console.Console
         from hvctl.web.console import Console

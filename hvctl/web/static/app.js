@@ -59,7 +59,8 @@ function render(o) {
     return el("tr", {"data-guest": g.name}, el("td", {}, g.name), el("td", {}, state(g.state)),
       el("td", {}, g.node || "-"),
       el("td", {}, ha ? state(ha.state) : "-", ha ? el("div", {class: "muted"}, ha.reason) : ""),
-      el("td", {}, g.disks.map((d) => `${d.resource} ${d.role || "?"}/${d.disk || "?"}`).join(", ")),
+      el("td", {}, g.safety ? state(g.safety.level) : "-",
+        g.safety ? el("div", {class: "muted"}, g.safety.why) : ""),
       acts);
   }));
   $("nodes").replaceChildren(...o.nodes.map((n) => {
@@ -74,6 +75,25 @@ function render(o) {
       el("td", {}, n.reachable ? `${n.libvirt_version || ""} up` : down(n.error)),
       el("td", {}, guests), el("td", {}, rb));
   }));
+  const bytes = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` :
+    n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${Math.round(n / 1024)} KiB`;
+  const rows = [];
+  for (const [r, byNode] of Object.entries(o.storage || {})) {
+    for (const [n, st] of Object.entries(byNode)) {
+      const p = (st.peers || [])[0] || {};
+      const syncing = (p.replication || "").startsWith("Sync");
+      const sync = syncing ? el("span", {}, el("progress", {max: "100", value: String(p.sync_percent),
+          "aria-label": `resync of ${r} on ${n}`}), ` ${p.sync_percent} %` +
+          (p.eta_s ? `, ${Math.round(p.eta_s)} s left` : "") +
+          (p.sync_rate_bytes_per_s ? `, ${bytes(p.sync_rate_bytes_per_s)}/s` : ""))
+        : (st.role ? (p.split_brain ? state("split-brain") : "-") : "");
+      rows.push(el("tr", {"data-resource": `${r}@${n}`}, el("td", {}, r), el("td", {}, n),
+        el("td", {}, st.role || "unreachable"), el("td", {}, st.disk || "-"),
+        el("td", {}, p.connection ? state(p.connection.toLowerCase()) : "-"),
+        el("td", {}, st.role ? bytes(p.out_of_sync_bytes || 0) : "-"), el("td", {}, sync)));
+    }
+  }
+  $("storage").replaceChildren(...rows);
   $("ha-leader").textContent = o.ha.note || `Leader: ${o.ha.leader || "none"}`;
   $("ha-log").replaceChildren(...(o.ha_log || []).slice().reverse().map((d) =>
     el("li", {}, `${new Date(d.time * 1000).toLocaleTimeString()} ${d.guest}: ${d.text}`)));
