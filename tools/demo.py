@@ -20,6 +20,8 @@ One function per stage, run in order by main():
    alpha; alpha's power fails (its traffic dropped, every process SIGKILLed); the time until
    the guest's marker appears on beta's console is printed, then `hvctl ha status` and
    `hvctl ha log`; alpha comes back and resyncs, the guest stays on beta. Needs root.
+7. `stage_web(cfg)`: `hvctl web` on that cluster: the page's URL and a login printed; it
+   serves until Ctrl-C when run in a terminal (CI=true: it stops by itself).
 
 Stages that need the cluster take it as an argument and leave it running, so a later stage
 slots in before `stage_stop` (a libvirt guest on the primary's export, say). `--keep` leaves
@@ -375,6 +377,49 @@ def stage_ha() -> None:
                 "alpha's agent online", 30)
         run(sys.executable, "-m", "hvctl", "--config", cfg, "ha", "status",
             show_as=["hvctl", "--config", shown(cfg), "ha", "status"])
+        stage_web(cfg)
+
+
+WEB_USER = "admin"
+WEB_PASSWORD = "demo-password"
+
+
+def stage_web(cfg: Path) -> None:
+    """The administration page of the HA cluster: its URL and a login; served until Ctrl-C
+    in a terminal, a few seconds otherwise (CI=true, or no terminal)."""
+    step("The web page: hvctl web (the same cluster, live)")
+    show = ["hvctl", "--config", shown(cfg)]
+    subprocess.run([sys.executable, "-m", "hvctl", "--config", str(cfg), "web", "adduser",
+                    WEB_USER, "--role", "admin", "--password-stdin"], input=WEB_PASSWORD + "\n",
+                   text=True, check=True, capture_output=True, cwd=REPO)
+    print("$ " + " ".join([*show, "web", "adduser", WEB_USER, "--role", "admin"]))
+    port = etcd_local.free_port()
+    listen = f"127.0.0.1:{port}"
+    print("$ " + " ".join([*show, "web", "--listen", listen]) + " &")
+    log = WORK / "ha" / "web.log"
+    with log.open("wb") as out:
+        web = subprocess.Popen([sys.executable, "-m", "hvctl", "--config", str(cfg), "web",
+                                "--listen", listen], stdout=out, stderr=out, cwd=REPO)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "serving" not in log.read_text() and time.monotonic() < deadline:
+            if web.poll() is not None:
+                sys.exit(f"hvctl web exited {web.returncode}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        print(f"\nopen http://{listen}/ and log in as {WEB_USER} / {WEB_PASSWORD}")
+        if sys.stdin.isatty() and not os.environ.get("CI"):
+            print("serving until Ctrl-C (the three hosts keep running meanwhile)", flush=True)
+            try:
+                web.wait()
+            except KeyboardInterrupt:
+                print()
+        else:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://{listen}/login", timeout=10) as r:
+                print(f"GET /login: {r.status} (not a terminal or CI=true: stopping)")
+    finally:
+        stop_by_pid(web, signal.SIGTERM, 10)
 
 
 def main() -> int:
