@@ -136,11 +136,18 @@ def test_errors_are_json_with_the_right_status(web):
         r = await c.post("/api/v1/guests/vm1/start", headers=h, json={"node": "alpha"})
         body = await r.json()
         assert r.status in (409, 502) and "rblock" in body["error"], body
+        r = await c.post("/api/v1/nodes/alpha/maintenance", headers=h, json={"on": "yes"})
+        assert r.status == 400 and '{"on": true}' in (await r.json())["error"]
+        r = await c.post("/api/v1/nodes/gamma/maintenance", headers=h, json={"on": True})
+        assert r.status == 404 and "gamma" in (await r.json())["error"]
+        r = await c.post("/api/v1/nodes/alpha/maintenance", headers=h, json={"on": True})
+        assert r.status == 409 and "HA is off" in (await r.json())["error"]
         r = await c.get("/api/v1/nope")
         assert r.status == 404 and "openapi.json" in (await r.json())["error"]
         tasks = await (await c.get("/api/v1/tasks")).json()
-        assert [(t["user"], t["action"], t["state"]) for t in tasks][-1] == (
-            "ann", "start", "failed")
+        done = [(t["user"], t["action"], t["state"]) for t in tasks]
+        assert ("ann", "start", "failed") in done and done[-1] == (
+            "ann", "maintenance on", "failed"), done
     loop.run(go())
 
 

@@ -115,6 +115,9 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
                 "protected", timeout=UI_TIMEOUT_MS)
             expect(page.locator('#storage tr[data-resource="r0@beta"]')).to_contain_text(
                 "Secondary")
+            expect(node_row(page, "alpha")).to_contain_text(
+                "yes, with a failover: vm1 would move to beta", timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_role("button", name="maintenance on for beta")).to_be_visible()
             page.evaluate("window.notReloaded = true")
             shot(page, "dashboard")
 
@@ -142,6 +145,8 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             expect(row(page, "vm1").locator("td").nth(4).locator("span")).to_have_text(
                 "unprotected", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#ha-log")).to_contain_text("recovering on alpha")
+            expect(node_row(page, "alpha")).to_contain_text("no: vm1 would stop",
+                                                            timeout=UI_TIMEOUT_MS)
             assert page.evaluate("window.notReloaded") is True  # never reloaded
             shot(page, "failover")
 

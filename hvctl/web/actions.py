@@ -93,6 +93,33 @@ class Backend:
                     out[r][node] = have.get(r, {})
         return out
 
+    async def safe_to_stop(self) -> dict[str, dict]:
+        """node -> {"safe": bool, "text": plain words}: what would happen to its HA guests if
+        it went down now (the planner's what-if)."""
+        out: dict[str, dict] = {}
+        if self.ha is None:
+            return out
+        for node in self.cfg.hv_nodes():
+            try:
+                w = await self.ha.what_if(node)
+            except (HaError, ConfigError) as e:
+                out[node] = {"safe": False, "text": str(e)}
+                continue
+            if not w["guests"]:
+                out[node] = {"safe": True, "text": "yes: no HA guest runs here"}
+                continue
+            stay = [g for g in w["guests"] if not g["to"]]
+            parts = [f"{g['guest']} would move to {g['to']}" if g["to"] else
+                     f"{g['guest']} would stop ({g['why']})" for g in w["guests"]]
+            verdict = "no" if stay else "yes, with a failover"
+            out[node] = {"safe": not stay, "text": f"{verdict}: " + "; ".join(parts)}
+        return out
+
+    async def maintenance(self, node: str, on: bool) -> str:
+        if self.ha is None:
+            raise ApiError(409, "no [cluster] etcd: HA is off, and maintenance needs the agents")
+        return await self.ha.maintenance(node, on)
+
     async def overview(self) -> dict[str, Any]:
         guests = await self.guests()
         nodes = await self.nodes()
@@ -105,7 +132,8 @@ class Backend:
         except HaError:
             ha_log = []
         return {"guests": guests, "nodes": nodes, "ha": ha, "ha_log": ha_log,
-                "storage": storage, "time": time.time()}
+                "storage": storage, "safe_to_stop": await self.safe_to_stop(),
+                "time": time.time()}
 
     async def console(self, name: str):  # noqa: ANN201 -- a hvctl.web.console.Console
         from hvctl.web.console import Console

@@ -7,6 +7,7 @@ both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
     GET  /api/v1/guests, /api/v1/guests/{name}
     POST /api/v1/guests/{name}/{start|stop|destroy|move}   JSON body {"node": "beta"}
     GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/tasks
+    POST /api/v1/nodes/{name}/maintenance          JSON body {"on": true}
     GET  /api/v1/events                           server-sent events: the overview on change
     GET  /api/v1/guests/{name}/console            websocket: the guest's serial console
     GET  /api/v1/openapi.json
@@ -222,6 +223,34 @@ async def api_action(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "message": message, "task": task["id"]})
 
 
+async def api_maintenance(request: web.Request) -> web.Response:
+    node = request.match_info["name"]
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, 'the body is not JSON; send {"on": true} or {"on": false}') from None
+    if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
+        raise ApiError(400, 'send {"on": true} or {"on": false}')
+    user = _user(request)
+    task = {"id": len(request.app[TASKS]) + 1, "user": user.name,
+            "action": f"maintenance {'on' if body['on'] else 'off'}", "node": node,
+            "started": time.time(), "state": "running", "result": None}
+    request.app[TASKS].append(task)
+    try:
+        request.app[BACKEND].cfg.hv_node(node)
+        message = await _call(request.app[BACKEND].maintenance(node, body["on"]))
+    except ApiError as e:
+        task.update(state="failed", result=str(e), ended=time.time())
+        raise
+    except Exception as e:  # noqa: BLE001 -- a ConfigError: unknown node
+        err = translate(e)
+        task.update(state="failed", result=str(err), ended=time.time())
+        raise err from None
+    task.update(state="done", result=message, ended=time.time())
+    log.info("%s: %s", user.name, message)
+    return web.json_response({"ok": True, "message": message, "task": task["id"]})
+
+
 async def api_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the overview whenever it changes (sampled every second)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -321,6 +350,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_post("/api/v1/guests/{name}/{action}", api_action)
     r.add_get("/api/v1/guests/{name}/console", api_console)
     r.add_get("/api/v1/nodes", api_nodes)
+    r.add_post("/api/v1/nodes/{name}/maintenance", api_maintenance)
     r.add_get("/api/v1/ha/status", api_ha_status)
     r.add_get("/api/v1/ha/log", api_ha_log)
     r.add_get("/api/v1/tasks", api_tasks)

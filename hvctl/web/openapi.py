@@ -43,6 +43,14 @@ OPENAPI = {
             "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
                           "403": _ERR, "404": _ERR, "409": _ERR, "502": _ERR}}},
         "/api/v1/nodes": _get("every node: libvirt, guests, rblock roles", _LIST),
+        "/api/v1/nodes/{name}/maintenance": {"post": {
+            "summary": "maintenance on (its HA guests move away) or off",
+            "parameters": [_NAME],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"on": {"type": "boolean"}},
+                "required": ["on"]}}}},
+            "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
+                          "403": _ERR, "404": _ERR, "409": _ERR}}},
         "/api/v1/ha/status": _get("the HA leader, nodes and guests", _OBJ),
         "/api/v1/ha/log": _get("the HA decision log", _LIST),
         "/api/v1/tasks": _get("every action taken through the API, who and how it ended",

@@ -14,6 +14,16 @@ const el = (tag, attrs = {}, ...kids) => {
 };
 const state = (s) => el("span", {class: `state-${s}`}, s);
 
+async function post(url, body, what) {
+  if (!confirm(`Really ${what}?`)) return;
+  $("result").textContent = `${what}: running...`;
+  const resp = await fetch(url, {method: "POST", body: JSON.stringify(body),
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": H.csrf}});
+  const data = await resp.json().catch(() => ({error: `HTTP ${resp.status}`}));
+  $("result").textContent = resp.ok ? data.message : `${what} failed: ${data.error}`;
+  $("result").className = resp.ok ? "" : "error";
+}
+
 async function act(guest, action, node) {
   const what = `${action} ${guest}${node ? " to " + node : ""}`;
   if (!confirm(`Really ${what}?`)) return;
@@ -71,9 +81,19 @@ function render(o) {
       "unreachable");
     const rb = n.rblock ? Object.entries(n.rblock).map(([r, v]) => `${r} ${v.role}/${v.disk}`).join(", ")
       : down(n.rblock_error);
+    const safe = (o.safe_to_stop || {})[n.name];
+    const nacts = el("td");
+    if (H.admin && ha) {
+      const inMaint = ha.state === "maintenance";
+      nacts.append(el("button", {type: "button", "aria-label": `maintenance ${inMaint ? "off" : "on"} for ${n.name}`,
+        onclick: () => post(`/api/v1/nodes/${encodeURIComponent(n.name)}/maintenance`, {on: !inMaint},
+          `maintenance ${inMaint ? "off" : "on"} for ${n.name}${inMaint ? "" : " (its HA guests move away)"}`)},
+        inMaint ? "End maintenance" : "Maintenance"));
+    }
     return el("tr", {"data-node": n.name}, el("td", {}, n.name), el("td", {}, ha ? state(ha.state) : "-"),
       el("td", {}, n.reachable ? `${n.libvirt_version || ""} up` : down(n.error)),
-      el("td", {}, guests), el("td", {}, rb));
+      el("td", {}, guests), el("td", {}, rb),
+      el("td", {class: safe && !safe.safe ? "state-unprotected" : ""}, safe ? safe.text : "-"), nacts);
   }));
   const bytes = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` :
     n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${Math.round(n / 1024)} KiB`;
