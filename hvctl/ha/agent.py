@@ -15,13 +15,17 @@ Every ROUND_INTERVAL_S, and at once when an action of this node ends, one round:
    `plan` (hvctl/ha/planner.py) and writes the changed records and the decisions in one
    transaction that holds only while the leader key is still ours under our lease: a
    deposed leader's late write does nothing.
-5. `local_plan` (hvctl/ha/local.py) on the records: start, stop, destroy or acknowledge,
-   each guest's action a tracked task; its end is reported in the next round.
+5. `local_plan` (hvctl/ha/local.py) on the records: start, stop, destroy, release a disk
+   or acknowledge, each a tracked task; its end is reported in the next round. The leader
+   also keeps etcd's Raft leadership on the witness (`_witness_leads`).
 
-Self-fencing: the lease keeper calls back FENCE_MARGIN_S before the lease can run out in
-etcd if it was not renewed; the agent then destroys every HA guest active on this node at
-once (no round, no etcd needed). The lease runs out at the earliest TTL after the last
-renewal was *sent*, so the guest is gone before another node can see the lease gone.
+Self-fencing: the lease (renewed every `keepalive_interval_s`, TTL/5) is given up
+`fence_margin_s` before it can run out in etcd (1 s with the default TTL of 5 s) if it was
+not renewed; the agent then SIGKILLs the QEMU of every HA guest on this host at once, found
+in /proc (no round, no etcd, no libvirtd needed), and lets libvirt clean up. The lease runs
+out at the earliest TTL after the last renewal was *sent*, so the guest is gone before
+another node can see the lease gone. Where a watchdog exists (hvctl/ha/watchdog.py), it is
+petted while the lease is valid or no HA guest runs here: a hung agent resets the host.
 
 A clean stop (SIGTERM) leaves the guests running: it writes `_ha/frozen/{node}` and revokes
 the lease, so the leader freezes this node's guests instead of recovering them. Starting
