@@ -246,12 +246,7 @@ class NodeVirt:
         whose NBD disk holds writes (rblock without its lease) spends all of that flushing
         (seen: 10.3 s). Only for a libvirtd on this host: the QEMU is found in /proc by the
         guest's UUID on its command line, in this process's network namespace (one host)."""
-        pids = local_qemu_pids(uuid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = kill_local_qemu(uuid)
         await self.destroy(dom, timeout_s)
         return pids
 
@@ -322,6 +317,17 @@ def local_qemu_pids(uuid: str) -> list[int]:
         if (ns.st_dev, ns.st_ino) == (mine.st_dev, mine.st_ino):
             found.append(int(entry))
     return found
+
+
+def kill_local_qemu(uuid: str) -> list[int]:
+    """SIGKILL the QEMU of the domain with UUID on this host; the PIDs it had."""
+    pids = local_qemu_pids(uuid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 def _is_stopped(ev: LifecycleEvent) -> bool:

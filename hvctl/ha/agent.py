@@ -35,11 +35,8 @@ again removes the mark, and the guests running here are adopted (no restart).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import signal
 import time
 
 import libvirt
@@ -52,7 +49,7 @@ from hvctl.ha.local import Action, Do, local_plan
 from hvctl.ha.model import GuestSpec, HaMode, NodeReport, Record, ResourceObs
 from hvctl.ha.planner import plan
 from hvctl.ha.watchdog import PET_INTERVAL_S, Watchdog, device_for
-from hvctl.virt import VirtError, local_qemu_pids
+from hvctl.virt import VirtError, kill_local_qemu
 from rblock.config import ConfigError
 from rblock.control_client import ControlError
 from rblock.etcd import (
@@ -251,17 +248,14 @@ class Agent:
         """SIGKILL first, straight from /proc (libvirtd may be the thing that hangs), then
         let libvirt clean up."""
         for name, g in sorted(self.guests.items()):
-            pids = local_qemu_pids(g.uuid)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            pids = kill_local_qemu(g.uuid)
             if pids:
                 log.error("%s: %s killed (self-fence; QEMU %s SIGKILLed)", self.node, name,
                           ", ".join(map(str, pids)))
             try:
                 dom = self.virt.lookup(name)
                 if dom is not None and self.virt.state(dom) != "stopped":
-                    await self.virt.kill(dom, g.uuid)
+                    await self.virt.destroy(dom)  # its QEMU is gone: only the clean-up
             except VirtError as e:
                 log.error("%s: libvirt could not clean up %s after the self-fence: %s",
                           self.node, name, e)

@@ -12,8 +12,7 @@ import sys
 import time
 from typing import Any
 
-from hvctl.ha.model import HaMode
-from hvctl.ha.ops import HaError, HaView
+from hvctl.ha.ops import HaError, HaView, desired_for, settled
 from hvctl.ha.planner import clock
 
 FOLLOW_POLL_S = 0.5
@@ -162,25 +161,18 @@ async def through_agents(cfg: Any, args: argparse.Namespace) -> int | None:
         except HaError:
             return None
         c = args.command
-        state = HaMode.STOPPED if c in ("stop", "destroy") else HaMode.STARTED
         node = args.node if c == "move" else getattr(args, "on", None)
         if node is not None:
             cfg.hv_node(node)
-        started = time.monotonic()
-        seq = await view.request(g.name, state, node)
         if args.no_wait:
+            seq = await view.request(g.name, desired_for(c), node)
             _print(args, {"ok": True, "message": f"requested (seq {seq})"},
                    f"{g.name}: {c} requested; the agents carry it out ('hvctl ha status')")
             return 0
-        ok, rec = await view.wait(g.name, seq, state, node)
-        took = time.monotonic() - started
-        if ok:
-            what = (f"{g.name} {rec.state.value} on {rec.node}" if rec.state.value == "started"
-                    else f"{g.name} stopped")
-            msg = f"{what} ({rec.reason}; {took:.1f} s)"
-            _print(args, {"ok": True, "message": msg, "node": rec.node}, msg)
-            return 0
-        raise HaError(f"{g.name}: {rec.state.value}" + (f" on {rec.node}" if rec.node else "")
-                      + f": {rec.reason}")
+        started = time.monotonic()
+        rec = await view.carry_out(g.name, c, node)
+        msg = f"{settled(g.name, rec)} ({rec.reason}; {time.monotonic() - started:.1f} s)"
+        _print(args, {"ok": True, "message": msg, "node": rec.node}, msg)
+        return 0
     finally:
         await view.close()

@@ -25,6 +25,16 @@ WAIT_POLL_S = 0.2
 FINAL = (State.STARTED, State.STOPPED, State.ERROR)
 
 
+def desired_for(action: str) -> HaMode:
+    """The desired state a guest action asks the agents for."""
+    return HaMode.STOPPED if action in ("stop", "destroy") else HaMode.STARTED
+
+
+def settled(guest: str, rec: Record) -> str:
+    """What a carried-out request did, for the user: "vm1 started on beta", "vm1 stopped"."""
+    return f"{guest} started on {rec.node}" if rec.state is State.STARTED else f"{guest} stopped"
+
+
 class HaError(Exception):
     """Refused or failed; the message says why and what to do."""
 
@@ -150,6 +160,17 @@ class HaView:
         seq = max(old.seq if old else 0, rec.request_seq if rec else 0) + 1
         await self._write(self.keys.request(guest), K.dump_request(Request(state, node, seq)))
         return seq
+
+    async def carry_out(self, guest: str, action: str, node: str | None) -> Record:
+        """ACTION (start, stop, destroy, move) of GUEST through the agents: the request,
+        then its settled record; HaError with the record's reason if it did not happen."""
+        state = desired_for(action)
+        seq = await self.request(guest, state, node)
+        ok, rec = await self.wait(guest, seq, state, node)
+        if not ok:
+            raise HaError(f"{guest}: {rec.state.value}" + (f" on {rec.node}" if rec.node else "")
+                          + f": {rec.reason}")
+        return rec
 
     async def wait(self, guest: str, seq: int, state: HaMode, node: str | None,
                    timeout_s: float = WAIT_TIMEOUT_S) -> tuple[bool, Record]:

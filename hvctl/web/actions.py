@@ -12,8 +12,8 @@ from typing import Any
 
 from hvctl.config import HvConfig
 from hvctl.controller import Controller, HvError
-from hvctl.ha.model import HaMode, State
-from hvctl.ha.ops import HaError, HaView
+from hvctl.ha.model import State
+from hvctl.ha.ops import HaError, HaView, settled
 from hvctl.virt import VirtError
 from hvctl.web.safety import guest_safety
 from rblock.config import ConfigError
@@ -116,6 +116,7 @@ class Backend:
         return out
 
     async def maintenance(self, node: str, on: bool) -> str:
+        self.cfg.hv_node(node)  # ConfigError (404) naming the nodes if unknown
         if self.ha is None:
             raise ApiError(409, "no [cluster] etcd: HA is off, and maintenance needs the agents")
         return await self.ha.maintenance(node, on)
@@ -171,12 +172,7 @@ class Backend:
 
     async def _through_agents(self, name: str, action: str, node: str | None) -> str:
         assert self.ha is not None
-        state = HaMode.STOPPED if action in ("stop", "destroy") else HaMode.STARTED
-        seq = await self.ha.request(name, state, node)
-        ok, rec = await self.ha.wait(name, seq, state, node)
-        if not ok:
-            raise ApiError(409, f"{name}: {rec.state.value}" +
-                           (f" on {rec.node}" if rec.node else "") + f": {rec.reason}")
+        rec = await self.ha.carry_out(name, action, node)
         if rec.state is State.STARTED:
-            return f"{name} started on {rec.node} ({rec.reason})"
-        return f"{name} stopped"
+            return f"{settled(name, rec)} ({rec.reason})"
+        return settled(name, rec)

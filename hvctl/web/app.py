@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ USERS = web.AppKey("users", Users)
 SESSIONS = web.AppKey("sessions", auth.Sessions)
 LIMIT = web.AppKey("limit", auth.LoginLimit)
 TASKS = web.AppKey("tasks", deque)
+TASK_IDS = web.AppKey("task_ids", itertools.count)
 SECURE = web.AppKey("secure", bool)
 USER = web.RequestKey("user", User)
 SESSION = web.RequestKey("session", object)  # auth.Session or None (a token request)
@@ -191,6 +193,24 @@ async def api_tasks(request: web.Request) -> web.Response:
     return web.json_response(list(request.app[TASKS]))
 
 
+async def _task(request: web.Request, action: str, target: dict, work: Any) -> web.Response:
+    """Carry out WORK (a coroutine) as a task of the task log: who, what, how it ended."""
+    user = _user(request)
+    task = {"id": next(request.app[TASK_IDS]), "user": user.name, "action": action, **target,
+            "started": time.time(), "state": "running", "result": None}
+    request.app[TASKS].append(task)
+    what = " ".join(f"{k} {v}" for k, v in target.items() if v)
+    log.info("%s: %s %s", user.name, action, what)
+    try:
+        message = await _call(work)
+    except ApiError as e:
+        task.update(state="failed", result=str(e), ended=time.time())
+        log.warning("%s: %s %s failed: %s", user.name, action, what, e)
+        raise
+    task.update(state="done", result=message, ended=time.time())
+    return web.json_response({"ok": True, "message": message, "task": task["id"]})
+
+
 async def api_action(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.match_info["action"]
     if action not in ACTIONS:
@@ -207,20 +227,8 @@ async def api_action(request: web.Request) -> web.Response:
     node = body.get("node")
     if node is not None and not isinstance(node, str):
         raise ApiError(400, '"node" must be a node name (a string)')
-    user = _user(request)
-    task = {"id": len(request.app[TASKS]) + 1, "user": user.name, "action": action,
-            "guest": name, "node": node, "started": time.time(), "state": "running",
-            "result": None}
-    request.app[TASKS].append(task)
-    log.info("%s: %s %s%s", user.name, action, name, f" to {node}" if node else "")
-    try:
-        message = await _call(request.app[BACKEND].act(name, action, node))
-    except ApiError as e:
-        task.update(state="failed", result=str(e), ended=time.time())
-        log.warning("%s: %s %s failed: %s", user.name, action, name, e)
-        raise
-    task.update(state="done", result=message, ended=time.time())
-    return web.json_response({"ok": True, "message": message, "task": task["id"]})
+    return await _task(request, action, {"guest": name, "node": node},
+                       request.app[BACKEND].act(name, action, node))
 
 
 async def api_maintenance(request: web.Request) -> web.Response:
@@ -231,24 +239,8 @@ async def api_maintenance(request: web.Request) -> web.Response:
         raise ApiError(400, 'the body is not JSON; send {"on": true} or {"on": false}') from None
     if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
         raise ApiError(400, 'send {"on": true} or {"on": false}')
-    user = _user(request)
-    task = {"id": len(request.app[TASKS]) + 1, "user": user.name,
-            "action": f"maintenance {'on' if body['on'] else 'off'}", "node": node,
-            "started": time.time(), "state": "running", "result": None}
-    request.app[TASKS].append(task)
-    try:
-        request.app[BACKEND].cfg.hv_node(node)
-        message = await _call(request.app[BACKEND].maintenance(node, body["on"]))
-    except ApiError as e:
-        task.update(state="failed", result=str(e), ended=time.time())
-        raise
-    except Exception as e:  # noqa: BLE001 -- a ConfigError: unknown node
-        err = translate(e)
-        task.update(state="failed", result=str(err), ended=time.time())
-        raise err from None
-    task.update(state="done", result=message, ended=time.time())
-    log.info("%s: %s", user.name, message)
-    return web.json_response({"ok": True, "message": message, "task": task["id"]})
+    return await _task(request, f"maintenance {'on' if body['on'] else 'off'}",
+                       {"node": node}, request.app[BACKEND].maintenance(node, body["on"]))
 
 
 async def api_events(request: web.Request) -> web.StreamResponse:
@@ -327,7 +319,8 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     app[USERS] = users
     app[SESSIONS] = auth.Sessions()
     app[LIMIT] = auth.LoginLimit()
-    app[TASKS] = deque(maxlen=TASKS_MAX)
+    app[TASKS] = deque(maxlen=TASKS_MAX)  # the newest; ids keep counting past it
+    app[TASK_IDS] = itertools.count(1)
     app[SECURE] = secure
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                          autoescape=jinja2.select_autoescape(["html"]))
