@@ -451,7 +451,10 @@ class Controller:
     async def guest_list(self) -> list[dict]:
         return [await self.guest_status(n) for n in self.cfg.guests]
 
-    async def node_status(self, name: str, probe: bool = False) -> dict:
+    async def node_status(self, name: str, probe: bool = False,
+                          rblock: dict | ControlError | None = None) -> dict:
+        """NAME's libvirt and rblock; RBLOCK: its rblock status (or the error asking for it)
+        if the caller has it already."""
         node = self.cfg.cluster.node(name)
         out: dict = {"name": name, "libvirt": node.libvirt, "control": str(node.control),
                      "nbd": str(node.nbd), "reachable": False}
@@ -470,7 +473,9 @@ class Controller:
             except VirtError as e:
                 out["error"] = str(e)
         try:
-            st = await self.control(name).status()
+            st = rblock if rblock is not None else await self.control(name).status()
+            if isinstance(st, ControlError):
+                raise st
             out["rblock"] = {r["name"]: {"role": r["role"], "disk": r["disk"]}
                              for r in st["resources"]}
         except ControlError as e:
@@ -478,8 +483,9 @@ class Controller:
             out["rblock_error"] = str(e)
         return out
 
-    async def node_list(self) -> list[dict]:
-        return [await self.node_status(n) for n in self.cfg.cluster.nodes]
+    async def node_list(self, rblock: dict[str, dict | ControlError] | None = None) -> list[dict]:
+        return [await self.node_status(n, rblock=(rblock or {}).get(n))
+                for n in self.cfg.cluster.nodes]
 
     async def events(self) -> AsyncIterator[LifecycleEvent]:
         queues = {}

@@ -222,6 +222,21 @@ class Etcd:
         """The member ID of the current Raft leader ("" if none)."""
         return str((await self.call_any("maintenance/status", {})).get("leader", ""))
 
+    async def endpoint_status(self) -> list[dict]:
+        """Each endpoint's own view, asked at once: [{"endpoint", "ok", "member_id", "leader",
+        "error"}]; a member that does not answer (or has no leader) is not ok."""
+        async def one(url: str) -> dict:
+            try:
+                d = await self._post(url, "maintenance/status", {})
+            except (EtcdUnavailable, EtcdError) as e:
+                return {"endpoint": url, "ok": False, "error": str(e)}
+            member = str(d.get("header", {}).get("member_id", ""))
+            leader = str(d.get("leader", ""))
+            return {"endpoint": url, "ok": leader not in ("", "0"), "member_id": member,
+                    "leader": leader, "error": None if leader not in ("", "0") else "no leader"}
+
+        return list(await asyncio.gather(*(one(u) for u in self.endpoints)))
+
     async def move_leader(self, target_id: str, leader_urls: list[str]) -> None:
         """Hand the Raft leadership to TARGET_ID; etcd takes it only from the leader, so it
         goes to one of the leader's LEADER_URLS."""

@@ -151,6 +151,61 @@ def test_errors_are_json_with_the_right_status(web):
     loop.run(go())
 
 
+def test_every_page_and_its_sections(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c)
+        for path, ids in {"/": ["summary", "guests", "nodes", "storage", "events", "ha-log"],
+                          "/guests": ["guests", "console"], "/nodes": ["nodes", "etcd", "leases"],
+                          "/storage": ["storage", "splitbrain"],
+                          "/tasks": ["tasks", "failovers", "ha-log"]}.items():
+            r = await c.get(path)
+            assert r.status == 200, path
+            page = await r.text()
+            assert f'href="{path}" aria-current="page"' in page, path
+            for i in ids:
+                assert f'id="{i}"' in page, (path, i)
+        o = await (await c.get("/api/v1/overview")).json()
+        assert o["etcd"] is None and o["failovers"] == [] and "r0" in o["storage"]
+        assert await (await c.get("/api/v1/storage")).json() == {"r0": {"alpha": {}, "beta": {}}}
+        assert await (await c.get("/api/v1/ha/failovers")).json() == []
+    loop.run(go())
+
+
+def test_storage_actions_refuse_bad_input(web):
+    loop, c, _ = web
+
+    async def go():
+        await login(c)
+        h = {"X-CSRF-Token": await csrf(c)}
+        r = await c.post("/api/v1/resources/r0/verify", headers=h)
+        assert r.status == 400 and '{"node": "beta"}' in (await r.json())["error"]
+        r = await c.post("/api/v1/resources/r0/verify", headers=h, data=b"[1")
+        assert r.status == 400 and "not JSON" in (await r.json())["error"]
+        r = await c.post("/api/v1/resources/r0/explode", headers=h, json={"node": "beta"})
+        assert r.status == 404 and "no resource action 'explode'" in (await r.json())["error"]
+        r = await c.post("/api/v1/resources/r9/verify", headers=h, json={"node": "beta"})
+        assert r.status == 404 and "r9" in (await r.json())["error"]
+        r = await c.post("/api/v1/resources/r0/verify", headers=h, json={"node": "gamma"})
+        assert r.status == 400 and "no disk on gamma" in (await r.json())["error"]
+        r = await c.post("/api/v1/resources/r0/resolve", headers=h, json={})
+        assert r.status == 400 and '{"keep": "alpha"}' in (await r.json())["error"]
+        # no rblock runs: the node's control API is out of reach, said as such
+        r = await c.post("/api/v1/resources/r0/invalidate", headers=h, json={"node": "beta"})
+        body = await r.json()
+        assert r.status == 502 and body["error"].startswith("beta: cannot reach"), body
+        r = await c.post("/api/v1/resources/r0/resolve", headers=h, json={"keep": "alpha"})
+        assert r.status == 502, await r.json()
+        r = await c.post("/api/v1/resources/r0/verify", json={"node": "beta"})  # no CSRF
+        assert r.status == 403
+        tasks = await (await c.get("/api/v1/tasks")).json()
+        assert [(t["action"], t["resource"], t["node"], t["state"]) for t in tasks][-2:] == [
+            ("invalidate", "r0", "beta", "failed"), ("resolve split brain", "r0", "alpha",
+                                                     "failed")]
+    loop.run(go())
+
+
 def test_viewer_reads_but_cannot_act(web):
     loop, c, _ = web
 

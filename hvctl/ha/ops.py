@@ -91,8 +91,9 @@ class HaView:
                             "under a live lease")
         return "fenced", "no agent lease, and no rblock primary key held there"
 
-    async def status(self) -> dict[str, Any]:
-        snap = await self.snapshot()
+    async def status(self, snap: K.Snapshot | None = None) -> dict[str, Any]:
+        """Nodes and guests as the agents see them (from SNAP, or a new snapshot)."""
+        snap = snap if snap is not None else await self.snapshot()
         nodes = []
         for n in self.cfg.hv_nodes():
             state, why = self.node_state(snap, n)
@@ -123,15 +124,40 @@ class HaView:
         return {"leader": snap.leader, "nodes": nodes, "guests": guests,
                 "bad_keys": snap.bad}
 
-    async def log(self, after: str = "") -> list[tuple[str, dict]]:
-        snap = await self.snapshot()
+    async def etcd_health(self) -> dict[str, Any]:
+        """The arbiter: {"quorum": bool, "members": [{"name", "endpoint", "ok", "leader",
+        "error"}], "text"}; a member is ok when it answers and knows a Raft leader."""
+        ends = await self.etcd.endpoint_status()
+        try:
+            members = await self.etcd.members()
+        except (EtcdUnavailable, EtcdError):
+            members = []
+        by_url = {u.rstrip("/"): m for m in members for u in m.get("clientURLs", [])}
+        leader = next((e["leader"] for e in ends if e["ok"]), "")
+        out = []
+        for e in ends:
+            m = by_url.get(e["endpoint"].rstrip("/"), {})
+            out.append({"name": m.get("name") or e["endpoint"], "endpoint": e["endpoint"],
+                        "ok": e["ok"], "leader": bool(m) and str(m.get("ID")) == leader,
+                        "error": e["error"]})
+        up = sum(1 for e in out if e["ok"])
+        total = max(len(members), len(out))
+        quorum = up > total // 2
+        text = (f"quorum: {up} of {total} etcd members up" if quorum else
+                f"NO QUORUM: {up} of {total} etcd members up; fencing and failover wait "
+                "until a majority is back")
+        return {"quorum": quorum, "members": out, "text": text}
+
+    async def log(self, after: str = "",
+                  snap: K.Snapshot | None = None) -> list[tuple[str, dict]]:
+        snap = snap if snap is not None else await self.snapshot()
         return [(k, {"guest": d.guest, "rule": d.rule, "before": d.before.value,
                      "after": d.after.value, "node": d.node, "text": d.text, "time": d.time})
                 for k, d in snap.log if k > after]
 
-    async def what_if(self, node: str) -> dict[str, Any]:
+    async def what_if(self, node: str, snap: K.Snapshot | None = None) -> dict[str, Any]:
         self.cfg.hv_node(node)  # ConfigError naming the fix if unknown
-        snap = await self.snapshot()
+        snap = snap if snap is not None else await self.snapshot()
         specs = {n: guest_spec(self.cfg, g) for n, g in ha_guests(self.cfg).items()}
         records = {g: r for g, r in snap.records.items() if g in specs}
         now = time.time()

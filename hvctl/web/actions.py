@@ -7,11 +7,14 @@ result), as `hvctl guest start|stop|move` do; otherwise the controller acts itse
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from hvctl.config import HvConfig
 from hvctl.controller import Controller, HvError
+from hvctl.ha.history import failovers
+from hvctl.ha.keys import Snapshot
 from hvctl.ha.model import State
 from hvctl.ha.ops import HaError, HaView, settled
 from hvctl.virt import VirtError
@@ -20,6 +23,9 @@ from rblock.config import ConfigError
 from rblock.control_client import ControlError
 
 ACTIONS = ("start", "stop", "destroy", "move")
+# What the Storage page offers on a resource of a node (rblock's commands of the same name);
+# a split brain is resolved with "resolve" (keep one side's data), never by these alone.
+RESOURCE_ACTIONS = ("verify", "invalidate", "connect", "disconnect")
 OVERVIEW_LOG_LINES = 20
 
 
@@ -79,21 +85,27 @@ class Backend:
             return []
         return [d for _, d in await self.ha.log()]
 
-    async def storage(self) -> dict[str, dict[str, dict]]:
-        """resource -> node -> that node's rblock status of it ({} if it cannot be asked)."""
-        out: dict[str, dict[str, dict]] = {r: {} for r in self.cfg.cluster.resources}
+    async def rblock_status(self) -> dict[str, dict | ControlError]:
+        """node -> its rblock status, or the error asking for it: one request per node."""
+        out: dict[str, dict | ControlError] = {}
         for node in self.cfg.cluster.nodes:
             try:
-                st = await self.ctl.control(node).status()
-            except ControlError:
-                st = {"resources": []}
-            have = {r["name"]: r for r in st["resources"]}
+                out[node] = await self.ctl.control(node).status()
+            except ControlError as e:
+                out[node] = e
+        return out
+
+    def storage(self, rblock: dict[str, dict | ControlError]) -> dict[str, dict[str, dict]]:
+        """resource -> node -> that node's rblock status of it ({} if it cannot be asked)."""
+        out: dict[str, dict[str, dict]] = {r: {} for r in self.cfg.cluster.resources}
+        for node, st in rblock.items():
+            have = {r["name"]: r for r in st["resources"]} if isinstance(st, dict) else {}
             for r in out:
                 if node in self.cfg.cluster.resource(r).nodes:
                     out[r][node] = have.get(r, {})
         return out
 
-    async def safe_to_stop(self) -> dict[str, dict]:
+    async def safe_to_stop(self, snap: Snapshot | None = None) -> dict[str, dict]:
         """node -> {"safe": bool, "text": plain words}: what would happen to its HA guests if
         it went down now (the planner's what-if)."""
         out: dict[str, dict] = {}
@@ -101,7 +113,7 @@ class Backend:
             return out
         for node in self.cfg.hv_nodes():
             try:
-                w = await self.ha.what_if(node)
+                w = await self.ha.what_if(node, snap)
             except (HaError, ConfigError) as e:
                 out[node] = {"safe": False, "text": str(e)}
                 continue
@@ -122,19 +134,41 @@ class Backend:
         return await self.ha.maintenance(node, on)
 
     async def overview(self) -> dict[str, Any]:
+        """Everything the page shows, from one rblock status per node and one HA snapshot."""
+        rblock = await self.rblock_status()
+        storage = self.storage(rblock)
         guests = await self.guests()
-        nodes = await self.nodes()
-        storage = await self.storage()
         for g in guests:
             g["safety"] = guest_safety(list(self.cfg.guest(g["name"]).disks), storage)
-        ha = await self.ha_status()
-        try:
-            ha_log = (await self.ha_log())[-OVERVIEW_LOG_LINES:]
-        except HaError:
-            ha_log = []
-        return {"guests": guests, "nodes": nodes, "ha": ha, "ha_log": ha_log,
-                "storage": storage, "safe_to_stop": await self.safe_to_stop(),
+        nodes = await self.ctl.node_list(rblock)
+        ha: dict[str, Any] = {"leader": None, "nodes": [], "guests": [],
+                              "note": "no [cluster] etcd: HA is off"}
+        ha_log: list[dict] = []
+        etcd = None
+        snap = None
+        if self.ha is not None:
+            try:
+                snap = await self.ha.snapshot()
+                ha = await self.ha.status(snap)
+                ha_log = [d for _, d in await self.ha.log(snap=snap)]
+            except HaError as e:
+                ha["note"] = str(e)
+            etcd = await self.ha.etcd_health()
+        return {"guests": guests, "nodes": nodes, "ha": ha,
+                "ha_log": ha_log[-OVERVIEW_LOG_LINES:], "failovers": failovers(ha_log),
+                "etcd": etcd, "storage": storage,
+                "safe_to_stop": await self.safe_to_stop(snap) if snap is not None else {},
                 "time": time.time()}
+
+    async def wait_running(self, name: str, timeout_s: float, poll_s: float) -> None:
+        """Until NAME runs on some node (a console opened together with Start)."""
+        g = self.cfg.guest(name)
+        deadline = time.monotonic() + timeout_s
+        while not self.ctl.locate(g).active:
+            if time.monotonic() > deadline:
+                raise ApiError(409, f"{name} did not start within {timeout_s:g} s; see the "
+                               "task log")
+            await asyncio.sleep(poll_s)
 
     async def console(self, name: str):  # noqa: ANN201 -- a hvctl.web.console.Console
         from hvctl.web.console import Console
@@ -169,6 +203,51 @@ class Backend:
             return await self.ctl.destroy(name)
         assert node is not None
         return await self.ctl.move(name, node)
+
+    async def resource_action(self, resource: str, action: str, node: str) -> str:
+        if action not in RESOURCE_ACTIONS:
+            raise ApiError(404, f"no resource action '{action}'; actions: "
+                           f"{', '.join(RESOURCE_ACTIONS)}, resolve")
+        self._resource_node(resource, node)
+        return await self._rblock(node, resource, action)
+
+    async def resolve_split_brain(self, resource: str, keep: str) -> str:
+        """Keep KEEP's data: the other node connects discarding its changes since the split
+        (rblock saves them first: `rblock splitbrain list`), then KEEP connects."""
+        res = self._resource_node(resource, keep)
+        victims = [n for n in res.nodes if n != keep]
+        rblock = await self.rblock_status()
+        split = False
+        for n in res.nodes:
+            st = rblock.get(n)
+            if isinstance(st, ControlError):
+                raise ApiError(502, f"{n}: {st}")
+            r = next((x for x in (st or {}).get("resources", []) if x["name"] == resource), {})
+            split = split or any(p.get("split_brain") for p in r.get("peers", []))
+        if not split:
+            raise ApiError(409, f"{resource} is not in split brain: nothing to resolve (to "
+                           "throw a node's data away use invalidate)")
+        for v in victims:
+            await self._rblock(v, resource, "connect", discard_my_data=True)
+        await self._rblock(keep, resource, "connect")
+        return (f"{resource}: keeping {keep}'s data; {', '.join(victims)} discard their "
+                f"changes since the split (saved first: 'rblock splitbrain list {resource}' "
+                f"there) and resync from {keep}")
+
+    def _resource_node(self, resource: str, node: str):  # noqa: ANN202 -- ResourceConfig
+        res = self.cfg.cluster.resource(resource)  # ConfigError (404) naming them if unknown
+        if node not in res.nodes:
+            raise ApiError(400, f"{resource} has no disk on {node}; its nodes: "
+                           f"{', '.join(res.nodes)}")
+        return res
+
+    async def _rblock(self, node: str, resource: str, action: str, **body: Any) -> str:
+        try:
+            return await self.ctl.control(node).action(resource, action, **body)
+        except ControlError as e:
+            text = str(e)
+            raise ApiError(502 if text.startswith("cannot reach") else 409,
+                           f"{node}: {text}") from None
 
     async def _through_agents(self, name: str, action: str, node: str | None) -> str:
         assert self.ha is not None

@@ -2,14 +2,17 @@
 both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
 
     GET  /login, POST /login, POST /logout        the page's session
-    GET  /                                        the dashboard (server-rendered, then live)
+    GET  /, /guests, /nodes, /storage, /tasks      the pages (server-rendered, then live)
     GET  /api/v1/overview                         guests, nodes and HA at once
     GET  /api/v1/guests, /api/v1/guests/{name}
     POST /api/v1/guests/{name}/{start|stop|destroy|move}   JSON body {"node": "beta"}
-    GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/tasks
+    GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/ha/failovers,
+         /api/v1/storage, /api/v1/tasks
     POST /api/v1/nodes/{name}/maintenance          JSON body {"on": true}
+    POST /api/v1/resources/{name}/{verify|invalidate|connect|disconnect}  {"node": "beta"}
+    POST /api/v1/resources/{name}/resolve          {"keep": "alpha"}: end a split brain
     GET  /api/v1/events                           server-sent events: the overview on change
-    GET  /api/v1/guests/{name}/console            websocket: the guest's serial console
+    GET  /api/v1/guests/{name}/console[?wait=1]   websocket: the guest's serial console
     GET  /api/v1/openapi.json
 
 Errors are JSON {"error": "<the CLI's one-line message>"} with the status: 400 bad input,
@@ -37,6 +40,7 @@ from hvctl.config import HvConfig
 from hvctl.web import auth
 from hvctl.web.actions import ACTIONS, ApiError, Backend, translate
 from hvctl.web.openapi import OPENAPI
+from hvctl.web.sampler import Sampler
 from hvctl.web.users import User, Users
 
 log = logging.getLogger("hvctl.web")
@@ -44,9 +48,14 @@ log = logging.getLogger("hvctl.web")
 HERE = Path(__file__).resolve().parent
 TASKS_MAX = 1000
 EVENTS_INTERVAL_S = 1.0  # the overview is sampled this often for the live page
+EVENTS_KEEPALIVE_S = 15.0  # a comment line on an idle stream, so proxies keep it open
+OVERVIEW_TASKS = 50  # the newest tasks in the overview (all of them: /api/v1/tasks)
+CONSOLE_WAIT_S = 120.0  # ?wait=1: how long a console waits for its guest to start
+CONSOLE_WAIT_POLL_S = 0.2
 PUBLIC = ("/login", "/static/")
 
 BACKEND = web.AppKey("backend", Backend)
+SAMPLER = web.AppKey("sampler", Sampler)
 USERS = web.AppKey("users", Users)
 SESSIONS = web.AppKey("sessions", auth.Sessions)
 LIMIT = web.AppKey("limit", auth.LoginLimit)
@@ -148,12 +157,23 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 # --- the page -------------------------------------------------------------------------------
 
-@aiohttp_jinja2.template("dashboard.html")
-async def dashboard(request: web.Request) -> dict:
-    overview = await request.app[BACKEND].overview()
+PAGES = {"/": ("dashboard.html", "Dashboard"), "/guests": ("guests.html", "Guests"),
+         "/nodes": ("nodes.html", "Nodes"), "/storage": ("storage.html", "Storage"),
+         "/tasks": ("tasks.html", "Tasks")}
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    """A page: its sections rendered from the newest sample, then kept live by app.js."""
+    template, title = PAGES[request.path]
+    try:
+        overview = await request.app[SAMPLER].get()
+    except Exception as e:  # noqa: BLE001 -- the page still opens and says what is wrong
+        overview = {"error": str(translate(e))}
     s = request[SESSION]
-    return {"user": _user(request), "csrf": s.csrf if s else "", "o": overview,
-            "o_json": json.dumps(overview)}
+    return aiohttp_jinja2.render_template(template, request, {
+        "user": _user(request), "csrf": s.csrf if s else "", "o": overview,
+        "o_json": json.dumps(overview), "pages": PAGES, "here": request.path,
+        "title": title})
 
 
 # --- the API --------------------------------------------------------------------------------
@@ -166,7 +186,15 @@ async def _call(coro: Any) -> Any:
 
 
 async def api_overview(request: web.Request) -> web.Response:
-    return web.json_response(await _call(request.app[BACKEND].overview()))
+    return web.json_response(await _call(request.app[SAMPLER].get()))
+
+
+async def api_storage(request: web.Request) -> web.Response:
+    return web.json_response((await _call(request.app[SAMPLER].get()))["storage"])
+
+
+async def api_failovers(request: web.Request) -> web.Response:
+    return web.json_response((await _call(request.app[SAMPLER].get()))["failovers"])
 
 
 async def api_guests(request: web.Request) -> web.Response:
@@ -231,6 +259,37 @@ async def api_action(request: web.Request) -> web.Response:
                        request.app[BACKEND].act(name, action, node))
 
 
+async def _body(request: web.Request, example: str) -> dict:
+    """The request's JSON object ({} if none); ApiError 400 naming EXAMPLE otherwise."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, f"the body is not JSON; send {example}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object like {example}")
+    return body
+
+
+async def api_resource(request: web.Request) -> web.Response:
+    name, action = request.match_info["name"], request.match_info["action"]
+    backend = request.app[BACKEND]
+    if action == "resolve":
+        body = await _body(request, '{"keep": "alpha"}')
+        keep = body.get("keep")
+        if not isinstance(keep, str) or not keep:
+            raise ApiError(400, 'resolve needs the node whose data is kept: {"keep": "alpha"}')
+        return await _task(request, "resolve split brain", {"resource": name, "node": keep},
+                           backend.resolve_split_brain(name, keep))
+    body = await _body(request, '{"node": "beta"}')
+    node = body.get("node")
+    if not isinstance(node, str) or not node:
+        raise ApiError(400, f'{action} needs the node to run it on: {{"node": "beta"}}')
+    return await _task(request, action, {"resource": name, "node": node},
+                       backend.resource_action(name, action, node))
+
+
 async def api_maintenance(request: web.Request) -> web.Response:
     node = request.match_info["name"]
     try:
@@ -244,26 +303,28 @@ async def api_maintenance(request: web.Request) -> web.Response:
 
 
 async def api_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: the overview whenever it changes (sampled every second)."""
+    """Server-sent events: the overview whenever it changes (one sampler for every page)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
     last = None
-    backend = request.app[BACKEND]
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        while True:
-            try:
-                o = await backend.overview()
-                o.pop("time", None)
+    sampler = request.app[SAMPLER]
+    q = sampler.subscribe()
+    try:
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            while True:
+                try:
+                    o = await asyncio.wait_for(q.get(), EVENTS_KEEPALIVE_S)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                o = {k: v for k, v in o.items() if k != "time"}
                 text = json.dumps(o, sort_keys=True)
-            except Exception as e:  # noqa: BLE001 -- say it on the stream, keep going
-                text = json.dumps({"error": str(translate(e))})
-            if text != last:
-                await resp.write(f"event: overview\ndata: {text}\n\n".encode())
-                last = text
-            else:
-                await resp.write(b": keepalive\n\n")
-            await asyncio.sleep(EVENTS_INTERVAL_S)
+                if text != last:
+                    await resp.write(f"event: overview\ndata: {text}\n\n".encode())
+                    last = text
+    finally:
+        sampler.unsubscribe(q)
     return resp
 
 
@@ -279,7 +340,10 @@ async def api_console(request: web.Request) -> web.StreamResponse:
     if origin is not None and origin.split("://", 1)[-1] != request.host:
         raise ApiError(403, f"websocket from another site ({origin}) refused")
     name = request.match_info["name"]
-    console = await _call(request.app[BACKEND].console(name))
+    backend = request.app[BACKEND]
+    if request.query.get("wait") == "1":  # opened with Start: from the guest's first line
+        await _call(backend.wait_running(name, CONSOLE_WAIT_S, CONSOLE_WAIT_POLL_S))
+    console = await _call(backend.console(name))
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     log.info("%s: console of %s opened", user.name, name)
@@ -326,16 +390,25 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
                          autoescape=jinja2.select_autoescape(["html"]))
 
     async def backend(app: web.Application):  # noqa: ANN202 -- aiohttp's cleanup context
-        app[BACKEND] = Backend(cfg)
+        app[BACKEND] = b = Backend(cfg)
+
+        async def sample() -> dict:
+            o = await b.overview()
+            o["tasks"] = list(app[TASKS])[-OVERVIEW_TASKS:]
+            return o
+
+        app[SAMPLER] = Sampler(sample, EVENTS_INTERVAL_S, lambda e: str(translate(e)))
         yield
-        await app[BACKEND].close()
+        await app[SAMPLER].close()
+        await b.close()
 
     app.cleanup_ctx.append(backend)
     r = app.router
     r.add_get("/login", login_page)
     r.add_post("/login", login)
     r.add_post("/logout", logout)
-    r.add_get("/", dashboard)
+    for path in PAGES:
+        r.add_get(path, page)
     r.add_static("/static/", HERE / "static")
     r.add_get("/api/v1/overview", api_overview)
     r.add_get("/api/v1/guests", api_guests)
@@ -346,6 +419,9 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_post("/api/v1/nodes/{name}/maintenance", api_maintenance)
     r.add_get("/api/v1/ha/status", api_ha_status)
     r.add_get("/api/v1/ha/log", api_ha_log)
+    r.add_get("/api/v1/ha/failovers", api_failovers)
+    r.add_get("/api/v1/storage", api_storage)
+    r.add_post("/api/v1/resources/{name}/{action}", api_resource)
     r.add_get("/api/v1/tasks", api_tasks)
     r.add_get("/api/v1/events", api_events)
     r.add_get("/api/v1/openapi.json", api_openapi)

@@ -51,7 +51,23 @@ OPENAPI = {
                 "required": ["on"]}}}},
             "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
                           "403": _ERR, "404": _ERR, "409": _ERR}}},
+        "/api/v1/storage": _get("resource -> node -> that node's rblock status", _OBJ),
+        "/api/v1/resources/{name}/{action}": {"post": {
+            "summary": "verify, invalidate, connect or disconnect a resource on one node; "
+                       "resolve ends a split brain by keeping one node's data",
+            "parameters": [_NAME, {"name": "action", "in": "path", "required": True,
+                                   "schema": {"type": "string", "enum": [
+                                       "verify", "invalidate", "connect", "disconnect",
+                                       "resolve"]}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "node": {"type": "string", "description": "where to run it"},
+                    "keep": {"type": "string", "description": "resolve: whose data"}}}}}},
+            "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
+                          "403": _ERR, "404": _ERR, "409": _ERR, "502": _ERR}}},
         "/api/v1/ha/status": _get("the HA leader, nodes and guests", _OBJ),
+        "/api/v1/ha/failovers": _get("the failover history: when, which host, why, how "
+                                     "long", _LIST),
         "/api/v1/ha/log": _get("the HA decision log", _LIST),
         "/api/v1/tasks": _get("every action taken through the API, who and how it ended",
                               _LIST),
