@@ -2,6 +2,7 @@
 """Where the CPU goes: one fio job against one server, with each process's CPU per I/O.
 
     .venv/bin/python benchmarks/cpu.py rblock-c randwrite-4k-qd16 [--runtime-s 8] [--size 256M]
+    .venv/bin/python benchmarks/cpu.py rblock-base randwrite-4k-qd16 --base-tree /tmp/base
 
 Starts the server the way `run.py` does (for rblock-c/rblock-a: both nodes, alpha Primary,
 sync done), runs the fio job, and prints, per server process (both nodes of a cluster), user
@@ -9,7 +10,8 @@ and system CPU microseconds per I/O from /proc/PID/stat, voluntary context switc
 (how often the process slept in epoll: a low figure means large batches), the share of the
 time it was busy; then fio's own CPU per I/O and the machine's idle and softirq shares from
 /proc/stat. The figures in benchmarks/README.md ("Where the replicated write's time goes")
-come from it. Linux only; standard library only.
+come from it. With --base-tree DIR, a server named NAME-base runs from that checkout (as in
+run.py). Linux only; standard library only.
 """
 
 import argparse
@@ -60,19 +62,27 @@ def processes_mentioning(text: str) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("server", choices=run.SERVERS)
+    parser.add_argument("server", choices=[*run.SERVERS,
+                                           *(s + run.BASE_SUFFIX for s in run.SERVERS
+                                             if s.startswith("rblock"))])
     parser.add_argument("job", choices=[job.name for job in run.JOBS])
     parser.add_argument("--runtime-s", type=int, default=8)
     parser.add_argument("--size", type=run.parse_size, default=run.parse_size("256M"))
+    parser.add_argument("--base-tree", type=Path, metavar="DIR",
+                        help="the checkout a NAME-base server runs from")
     args = parser.parse_args()
+    if args.server.endswith(run.BASE_SUFFIX) and args.base_tree is None:
+        parser.error(f"{args.server} runs from --base-tree DIR; give one")
+    run.base_tree = args.base_tree.resolve() if args.base_tree is not None else None
+    replicated = run.kind_of(args.server) in run.REPLICATED
     job = run.JOBS_BY_NAME[args.job]
     with tempfile.TemporaryDirectory(prefix="rblock-cpu-") as tmp:
         workdir = Path(tmp)
-        target = workdir / "cluster" if args.server in run.REPLICATED else workdir / "image"
-        if args.server not in run.REPLICATED:
+        target = workdir / "cluster" if replicated else workdir / "image"
+        if not replicated:
             run.fresh_image(target, args.size)
         with run.serving(args.server, target, workdir / "server.log", args.size) as server:
-            pids = ([server.process.pid] if args.server not in run.REPLICATED
+            pids = ([server.process.pid] if not replicated
                     else processes_mentioning(str(target)))
             if job.needs_prefill:
                 run.run_fio(run.prefill_command(server.uri, args.size), run.FIO_GRACE_S)

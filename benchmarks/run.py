@@ -7,6 +7,11 @@ repetition so slow drift of a shared machine hits all of them alike. The table s
 medians over repetitions and the IOPS ratio to qemu-nbd (median of per-repetition ratios).
 
     .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--servers a,b] [--jobs x,y]
+                                       [--base-tree DIR]
+
+With --base-tree, every rblock server also runs from DIR (another checkout of the project,
+say `git worktree add /tmp/base HEAD~1`) as a twin named NAME-base, alternating with the
+others: a before/after comparison of a change in one run.
 
 Standard library only; see benchmarks/README.md.
 """
@@ -92,7 +97,27 @@ REPLICATED_TARGET_JOBS = ("randwrite-4k-qd16", "write-1m-qd8")
 QD1_LATENCY_JOB = "randwrite-4k-qd1"
 QD1_LATENCY_MARGIN_US = 100.0
 CLUSTER_READY_TIMEOUT_S = 120.0
+BASE_SUFFIX = "-base"  # a server run from --base-tree
+base_tree: Path | None = None  # --base-tree, set by main()
 JOB_NAME_WIDTH = max(len(job.name) for job in JOBS)
+
+
+def kind_of(server: str) -> str:
+    """The server NAME-base is a twin of: NAME (run from another tree)."""
+    return server.removesuffix(BASE_SUFFIX)
+
+
+def tree_of(server: str) -> Path:
+    """The checkout whose rblock SERVER runs."""
+    if server.endswith(BASE_SUFFIX):
+        assert base_tree is not None, "twins exist only with --base-tree"
+        return base_tree
+    return REPO_ROOT
+
+
+def tree_env(server: str) -> dict[str, str]:
+    """The environment of SERVER's rblock processes: its tree first on the module path."""
+    return {**os.environ, "PYTHONPATH": str(tree_of(server))}
 
 
 @dataclass
@@ -122,6 +147,7 @@ class Summary:
     ratio_to_baseline: float | None
     ratio_to_serve: float | None = None  # replicated servers: IOPS / rblock serve's
     serve_p50_ns: float | None = None
+    ratio_to_base: float | None = None  # with --base-tree: IOPS / its NAME-base twin's
 
 
 @dataclass
@@ -187,7 +213,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="where images and server logs go (default: a temp dir, removed)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_RUNTIME_S} s per run")
+    parser.add_argument("--base-tree", type=Path, metavar="DIR",
+                        help="also run each rblock server from this checkout (NAME-base), "
+                             "for a before/after comparison")
     args = parser.parse_args(argv)
+    if args.base_tree is not None:
+        args.base_tree = args.base_tree.resolve()
+        if not (args.base_tree / "rblock" / "__main__.py").is_file():
+            parser.error(f"--base-tree {args.base_tree}: no rblock/__main__.py there; give a "
+                         f"checkout of this project (git worktree add DIR COMMIT)")
+        args.servers = [twin for s in args.servers
+                        for twin in ([s, s + BASE_SUFFIX] if s.startswith("rblock") else [s])]
     if args.runtime_s is None:
         args.runtime_s = QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S
     if args.runtime_s < 1 or args.repeat < 1:
@@ -234,15 +270,25 @@ def machine_info() -> dict[str, str]:
         "fio": first_line(["fio", "--version"]),
         "qemu-nbd": first_line(["qemu-nbd", "--version"]),
         "nbdkit": first_line(["nbdkit", "--version"]),
-        "rblock": first_line(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
+        "rblock": git_describe(REPO_ROOT),
+        **({"rblock-base": git_describe(base_tree)} if base_tree is not None else {}),
     }
+
+
+def git_describe(tree: Path) -> str:
+    """The commit TREE is checked out at (with -dirty if it has changes)."""
+    if not (tree / ".git").exists():
+        return "unknown (not a git checkout)"
+    return first_line(["git", "-C", str(tree), "describe", "--always", "--dirty"])
 
 
 def print_header(info: dict[str, str], args: argparse.Namespace, workdir: Path) -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, "
           f"kernel {info['kernel']}, loadavg {info['loadavg']}")
     print(f"tools:   {info['fio']}; {info['qemu-nbd']}; {info['nbdkit']}; "
-          f"python {info['python']}; rblock git {info['rblock']}")
+          f"python {info['python']}; rblock git {info['rblock']}"
+          + (f"; *{BASE_SUFFIX} from {base_tree} git {info['rblock-base']}"
+             if base_tree is not None else ""))
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"setup:   image {args.size} bytes (fresh sparse file per run), "
           f"runtime {args.runtime_s} s, repeat {args.repeat}, workdir {workdir}")
@@ -260,7 +306,7 @@ def free_port() -> int:
 
 
 def server_command(server: str, image: Path, port: int) -> list[str]:
-    if server == "rblock":
+    if kind_of(server) == "rblock":
         return [sys.executable, "-m", "rblock", "serve", str(image),
                 "--listen", f"{HOST}:{port}", "--export", EXPORT_NAME]
     if server == "qemu-nbd":
@@ -344,17 +390,19 @@ def cluster_config(directory: Path, protocol: str, size_bytes: int,
     return path
 
 
-def rblock_cli(config: Path, node: str, *args: str) -> str:
+def rblock_cli(config: Path, node: str, *args: str, server: str = "rblock") -> str:
     done = subprocess.run([sys.executable, "-m", "rblock", args[0], "--config", str(config),
                            "--node", node, *args[1:]], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=SERVER_READY_TIMEOUT_S, check=False)
+                          cwd=tree_of(server), env=tree_env(server),
+                          timeout=SERVER_READY_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise BenchError(f"rblock {' '.join(args)} on {node} failed: {done.stderr.strip()}")
     return done.stdout
 
 
-def cluster_status(config: Path, node: str) -> dict:
-    return json.loads(rblock_cli(config, node, "status", "--json"))["resources"][0]
+def cluster_status(config: Path, node: str, server: str = "rblock") -> dict:
+    return json.loads(rblock_cli(config, node, "status", "--json", server=server)
+                      )["resources"][0]
 
 
 @contextlib.contextmanager
@@ -366,20 +414,20 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
     config = directory / "cluster.toml"
     fresh = not config.exists()
     etcd = None
-    if server == "rblock-c-fenced":
+    if kind_of(server) == "rblock-c-fenced":
         etcd, etcd_url = start_etcd(directory, log_path)
     if fresh:
-        config = cluster_config(directory, REPLICATED[server], size_bytes,
+        config = cluster_config(directory, REPLICATED[kind_of(server)], size_bytes,
                                 etcd_url if etcd is not None else "")
         for node in ("alpha", "beta"):
-            rblock_cli(config, node, "create-md")
+            rblock_cli(config, node, "create-md", server=server)
     procs = []
     with open(log_path, "ab") as log:
         for node in ("alpha", "beta"):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "rblock", "up", "--config", str(config), "--node", node],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                start_new_session=True))
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=tree_of(server), env=tree_env(server), start_new_session=True))
     port = int(config.read_text().split(f'nbd = "{HOST}:')[1].split('"')[0])
     running = RunningServer(server, procs[0], log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}")
     peer = RunningServer(server, procs[1], log_path, "")
@@ -395,14 +443,14 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
                     raise BenchError(f"{server}: a node exited with status {p.returncode}"
                                      f"\n    {log_tail(log_path)}")
             try:
-                st = cluster_status(config, "alpha")
+                st = cluster_status(config, "alpha", server)
             except (BenchError, json.JSONDecodeError, IndexError):
                 time.sleep(PROBE_INTERVAL_S)
                 continue
             peer_st = st["peers"][0]
             if not promoted and peer_st["connection"] == "Connected":
-                rblock_cli(config, "alpha", "primary", EXPORT_NAME, *(["--force"] if fresh
-                                                                         else []))
+                rblock_cli(config, "alpha", "primary", EXPORT_NAME,
+                           *(["--force"] if fresh else []), server=server)
                 promoted = True
             elif (promoted and peer_st["replication"] == "Established"
                   and peer_st["disk"] == "UpToDate"):
@@ -433,7 +481,7 @@ def start_etcd(directory: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
 @contextlib.contextmanager
 def serving(server: str, image: Path, log_path: Path, size_bytes: int) -> Iterator[RunningServer]:
     """Start `server` on `image`, wait until it answers, and always stop it afterwards."""
-    if server in REPLICATED:
+    if kind_of(server) in REPLICATED:
         with serving_replicated(server, image, log_path, size_bytes) as running:
             yield running
         return
@@ -441,8 +489,8 @@ def serving(server: str, image: Path, log_path: Path, size_bytes: int) -> Iterat
     with open(log_path, "ab") as log:
         # Own session: Ctrl-C reaches only us, and we stop the server ourselves.
         process = subprocess.Popen(server_command(server, image, port), stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                   start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=tree_of(server),
+                                   env=tree_env(server), start_new_session=True)
     running = RunningServer(server, process, log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}")
     try:
         wait_until_serving(running, size_bytes)
@@ -523,7 +571,8 @@ def run_one(job: Job, server: str, repetition: int, args: argparse.Namespace,
             workdir: Path) -> RunResult:
     """Fresh image (prefilled through a first server instance if the job reads), fresh server."""
     result = RunResult(job.name, server, repetition)
-    image = workdir / (f"{server}.cluster" if server in REPLICATED else f"{server}.img")
+    image = workdir / (f"{server}.cluster" if kind_of(server) in REPLICATED
+                       else f"{server}.img")
     log_path = workdir / f"{job.name}.r{repetition}.{server}.log"
     fio_timeout_s = args.runtime_s + FIO_GRACE_S
     started = time.monotonic()
@@ -603,15 +652,20 @@ def summarize(results: list[RunResult], args: argparse.Namespace) -> list[Summar
             if not runs:
                 continue
             ok = [r for r in runs if not r.error]
+            twin = server[len(kind_of(server)):]  # "" or BASE_SUFFIX: compare like with like
             serve = [r for r in results if r.job == job_name
-                     and r.server == REPLICATED_BASELINE and not r.error]
+                     and r.server == REPLICATED_BASELINE + twin and not r.error]
+            base = [r for r in results if r.job == job_name
+                    and r.server == server + BASE_SUFFIX and not r.error]
             summaries.append(Summary(
                 job=job_name, server=server, runs_ok=len(ok),
                 iops=median_of(ok, "iops"), bw_bytes=median_of(ok, "bw_bytes"),
                 clat_p50_ns=median_of(ok, "clat_p50_ns"), clat_p99_ns=median_of(ok, "clat_p99_ns"),
                 ratio_to_baseline=paired_ratio(ok, baseline),
-                ratio_to_serve=paired_ratio(ok, serve) if server in REPLICATED else None,
+                ratio_to_serve=(paired_ratio(ok, serve) if kind_of(server) in REPLICATED
+                                else None),
                 serve_p50_ns=median_of(serve, "clat_p50_ns") if serve else None,
+                ratio_to_base=paired_ratio(ok, base) if base else None,
             ))
     return summaries
 
@@ -654,7 +708,7 @@ def replicated_mark(summary: Summary, rtt_us: float) -> str:
         verdict = "PASS" if extra_us <= limit_us else "MISS"
         return f"{verdict} (p50 {extra_us:+.0f} us <= {limit_us:.0f} us)"
     if summary.job in REPLICATED_TARGET_JOBS and summary.ratio_to_serve is not None \
-            and summary.server == "rblock-c":
+            and kind_of(summary.server) == "rblock-c":
         verdict = "PASS" if summary.ratio_to_serve >= REPLICATED_TARGET_RATIO else "MISS"
         return f"{verdict} ({summary.ratio_to_serve:.2f}x serve >= {REPLICATED_TARGET_RATIO}x)"
     if summary.ratio_to_serve is not None:
@@ -663,9 +717,17 @@ def replicated_mark(summary: Summary, rtt_us: float) -> str:
 
 
 def target_mark(summary: Summary, rtt_us: float = 0.0) -> str:
-    if summary.server in REPLICATED:
+    mark = _target_mark(summary, rtt_us)
+    if summary.ratio_to_base is None:
+        return mark
+    return f"{mark}; {summary.ratio_to_base:.2f}x base" if mark else \
+        f"{summary.ratio_to_base:.2f}x base"
+
+
+def _target_mark(summary: Summary, rtt_us: float) -> str:
+    if kind_of(summary.server) in REPLICATED:
         return replicated_mark(summary, rtt_us)
-    if summary.server != "rblock" or summary.job not in TARGET_JOBS:
+    if kind_of(summary.server) != "rblock" or summary.job not in TARGET_JOBS:
         return ""
     if summary.runs_ok == 0:
         return "MISS (no result)"
@@ -722,7 +784,8 @@ def write_json(path: Path, info: dict[str, str], args: argparse.Namespace,
         "machine": info,
         "command": shlex.join([sys.executable, *sys.argv]),
         "settings": {"runtime_s": args.runtime_s, "repeat": args.repeat,
-                     "image_size_bytes": args.size, "jobs": args.jobs, "servers": args.servers},
+                     "image_size_bytes": args.size, "jobs": args.jobs, "servers": args.servers,
+                     "base_tree": str(base_tree) if base_tree is not None else None},
         "runs": [asdict(result) for result in results],
         "summary": [asdict(summary) for summary in summaries],
     }
@@ -748,7 +811,9 @@ def work_directory(requested: Path | None) -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global base_tree
     args = parse_args(argv)
+    base_tree = args.base_tree
     missing = missing_tools(args.servers)
     if missing:
         print(f"missing tools: {' '.join(missing)} (run `make deps`)", file=sys.stderr)

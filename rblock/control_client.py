@@ -1,9 +1,11 @@
 """The client of a node's control API (rblock/control_server.py): `ControlClient`, the
-`ControlError` it raises, and `in_sync` for the status it returns.
+`ControlError` it raises, `in_sync` for the status it returns and `summarize_metrics` for
+its Prometheus scrape.
 
 Used by the `rblock` CLI and by hvctl. Kept light on purpose: it imports aiohttp, the
 standard library and rblock.config only, never the replica, store or NBD layers (a test,
-tests/test_layering.py, holds it to that).
+tests/test_layering.py, holds it to that); prometheus_client's parser only when
+`summarize_metrics` is called.
 """
 
 from __future__ import annotations
@@ -25,6 +27,48 @@ def in_sync(resource: dict) -> bool:
     return resource["disk"] == "UpToDate" and all(
         p["disk"] == "UpToDate" and p["replication"] == "Established"
         and not p["out_of_sync_bytes"] for p in resource["peers"])
+
+
+def summarize_metrics(text: str) -> dict:
+    """A node's scrape (`ControlClient.metrics()`, rblock/metrics.py names every metric),
+    parsed with prometheus_client's parser into plain numbers, for pages that chart them:
+
+        {"node": "alpha",
+         "process": {"cpu_seconds": 1.9, "resident_memory_bytes": 61e6, ...},
+         "resources": {"r0": {"writes": 1000.0, "write_bytes": 4096000.0,
+                              "write_seconds_sum": 0.031, "write_seconds_count": 1000.0,
+                              "resync_sent_bytes": 0.0, ...}}}
+
+    A resource's keys are the metric names without `rblock_` and `_total`; a histogram gives
+    `<type>_seconds_sum` and `<type>_seconds_count` (its buckets are left out), the request
+    errors `<type>_errors`, the `direction` metrics `resync_sent_bytes`,
+    `resync_received_bytes`, `replication_sent_bytes`, `replication_received_bytes`; per-peer
+    values are summed over the resource's peers (it has one). The `_info` metrics (state as
+    labels) are left out: `ControlClient.status()` has the states. Counters (`writes`,
+    `write_bytes`, `*_seconds_*`, `resync_*_bytes`, ...) only grow: chart their differences
+    between two scrapes divided by the time between them (rates)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, Any] = {"node": None, "process": {}, "resources": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name.startswith("process_"):
+                out["process"][name.removeprefix("process_").removesuffix("_total")] = value
+                continue
+            if not name.startswith("rblock_") or family.name.endswith("_info") \
+                    or name.endswith(("_bucket", "_created")):
+                continue
+            out["node"] = labels.get("node", out["node"])
+            key = name.removeprefix("rblock_").removesuffix("_total")
+            if "type" in labels:  # request_seconds_sum -> write_seconds_sum, ...
+                key = f"{labels['type']}_{key.removeprefix('request_')}"
+            if "direction" in labels:  # resync_bytes -> resync_sent_bytes
+                what, _, unit = key.rpartition("_")
+                key = f"{what}_{labels['direction']}_{unit}"
+            figures = out["resources"].setdefault(labels["resource"], {})
+            figures[key] = figures.get(key, 0.0) + value if "peer" in labels else value
+    return out
 
 
 class ControlError(Exception):
@@ -50,6 +94,19 @@ class ControlClient:
         try:
             async with self._session() as s, s.get(self._base + "/v1/status") as resp:
                 return await resp.json()
+        except aiohttp.ClientError as e:
+            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
+                               f"is 'rblock up' running there?") from None
+
+    async def metrics(self) -> str:
+        """The node's `GET /metrics`: Prometheus' text format (see `summarize_metrics`)."""
+        try:
+            async with self._session() as s, s.get(self._base + "/metrics") as resp:
+                if resp.status != 200:
+                    raise ControlError(f"the node's control API at {self.addr} answered "
+                                       f"/metrics with HTTP {resp.status}: is it an older "
+                                       f"rblock without metrics?")
+                return await resp.text()
         except aiohttp.ClientError as e:
             raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
                                f"is 'rblock up' running there?") from None

@@ -7,6 +7,7 @@
                   disconnect, verify, invalidate, detach, attach,
                   inject-fault ({"reads", "writes", "flushes": bool}; all false clears)
     GET  /v1/events                       -> one JSON object per line, as state changes
+    GET  /metrics                         -> Prometheus text format (rblock/metrics.py)
 
 It serves any `ServedNode` (rblock.node.Node is the one the daemon runs) and does not import
 rblock.node: the daemon wires it in, never the other way round. Its clients (the CLI, hvctl)
@@ -22,11 +23,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from rblock.metrics import node_registry, render
 from rblock.replica.resource import ResourceError
 
 if TYPE_CHECKING:
     from rblock.config import NodeConfig
+    from rblock.nbd.stats import RequestStats
 
 log = logging.getLogger("rblock.control")
 
@@ -34,6 +38,7 @@ EVENT_QUEUE_MAX = 1000  # per subscriber; a slow reader loses the oldest events
 
 
 NODE_KEY: web.AppKey = web.AppKey("node")  # the node an app serves
+REGISTRY_KEY: web.AppKey = web.AppKey("metrics registry", CollectorRegistry)  # its /metrics
 ACTIONS = ("primary", "secondary", "connect", "disconnect", "verify", "invalidate", "detach",
            "attach", "inject-fault")
 
@@ -88,6 +93,7 @@ class ServedResource(Protocol):
     def detach(self) -> str: ...
     async def attach(self) -> str: ...
     def inject_fault(self, reads: bool, writes: bool, flushes: bool) -> str: ...
+    def link_bytes(self) -> tuple[int, int]: ...  # for /metrics
 
 
 class ServedNode(Protocol):
@@ -103,6 +109,9 @@ class ServedNode(Protocol):
     def events(self) -> EventBus: ...
     def nbd_uri(self, export: str) -> str: ...
     def drop_nbd_clients(self, export: str) -> None: ...
+    # For /metrics (rblock/metrics.py): NBD connections and request counters of an export.
+    def nbd_clients(self, export: str) -> int: ...
+    def request_stats(self, export: str) -> RequestStats | None: ...
 
 
 def node_status(node: ServedNode) -> dict:
@@ -114,10 +123,12 @@ async def start_control(node: ServedNode) -> web.AppRunner:
     """Listen on the node's control address; raises ControlServerError if it cannot."""
     app = web.Application()
     app[NODE_KEY] = node
+    app[REGISTRY_KEY] = node_registry(node)
     app.add_routes([
         web.get("/v1/status", _status),
         web.post("/v1/resources/{name}/{action}", _action),
         web.get("/v1/events", _events),
+        web.get("/metrics", _metrics),
     ])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -137,6 +148,11 @@ async def start_control(node: ServedNode) -> web.AppRunner:
 
 async def _status(request: web.Request) -> web.Response:
     return web.json_response(node_status(request.app[NODE_KEY]))
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = render(request.app[REGISTRY_KEY], request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _action(request: web.Request) -> web.Response:

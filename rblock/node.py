@@ -27,6 +27,7 @@ from rblock.fencer import Fencer
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import ExportRefused
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
+from rblock.nbd.stats import RequestStats
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.link import (
     AUTH_TIMEOUT_S,
@@ -126,7 +127,7 @@ class Node:
                          open_meta=lambda res=res, mp=meta_path: Metadata.open(
                              str(mp), self.name, res.name, res.size_bytes,
                              al_extents_max=res.al_extents))
-            r.nbd_clients = lambda n=res.name: self._nbd_clients(n)
+            r.nbd_clients = lambda n=res.name: self.nbd_clients(n)
             r.disk_path = Path(disk)
             r.snapshot_dir = snapshot_dir(Path(disk), Path(meta_path))
             if self.fencer is not None:
@@ -186,10 +187,16 @@ class Node:
                     f" ({ev.detail})" if ev.detail else "")
         self.events.publish(ev.to_json())
 
-    def _nbd_clients(self, export: str) -> int:
+    def nbd_clients(self, export: str) -> int:
         if self.nbd is None:
             return 0
         return sum(1 for c in self.nbd.connections if c.export_name == export)
+
+    def request_stats(self, export: str) -> RequestStats | None:
+        """What the NBD requests of EXPORT did (None before the NBD server exists)."""
+        if self.nbd is None:
+            return None
+        return self.nbd.catalog.exports[export].stats
 
     def drop_nbd_clients(self, export: str) -> None:
         if self.nbd is not None:

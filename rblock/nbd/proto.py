@@ -300,18 +300,21 @@ class Request:
     handle: int
     offset: int
     length: int
+    # When the server found the request in its receive buffer (rblock/nbd/stats.py's clock,
+    # in ns; set by the server, not part of the wire format): its reply's latency starts here.
+    arrived_ns: int = 0
 
     @property
     def name(self) -> str:
         return CMD_NAMES.get(self.type, f"CMD_{self.type}")
 
 
-def parse_request(buf: bytes | memoryview, pos: int = 0) -> Request:
+def parse_request(buf: bytes | memoryview, pos: int = 0, arrived_ns: int = 0) -> Request:
     """Decode a 28-byte request header; a bad magic loses framing and raises ProtocolError."""
     magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(buf, pos)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"bad request magic 0x{magic:08x}")
-    return Request(flags, cmd, handle, offset, length)
+    return Request(flags, cmd, handle, offset, length, arrived_ns)
 
 
 def encode_request(req: Request) -> bytes:

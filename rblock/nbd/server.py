@@ -42,6 +42,7 @@ from rblock.nbd.handshake import (
     StartTLS,
     TLSMode,
 )
+from rblock.nbd.stats import LATENCY_BOUNDS_NS, OpStats, RequestStats, bucket_of, now_ns
 from rblock.nbd.transmission import (
     BLOCK_PREFERRED_BYTES,
     PAYLOAD_MAX_BYTES,
@@ -83,6 +84,9 @@ _WRITE = p.CMD_WRITE
 _READ = p.CMD_READ
 _DISC = p.CMD_DISC
 _FUA = p.CMD_FLAG_FUA
+# A connection's counters until it has chosen an export (it sends no request before that):
+# one object for all of them, not one per accepted connection.
+_NO_STATS = RequestStats()
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Export:
     name: str
     device: BlockDevice
     description: str = ""
+    # What its requests did, over every connection (rblock/nbd/stats.py; read by /metrics).
+    stats: RequestStats = field(default_factory=RequestStats)
 
     def info(self) -> ExportInfo:
         d = self.device
@@ -242,6 +248,11 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task | None = None  # STARTTLS in progress
         self.requests = 0
+        # The export's counters (rblock/nbd/stats.py), set when transmission starts; the
+        # per-command tuple and WRITE's figures are looked up once, here.
+        self._stats = _NO_STATS
+        self._ops: tuple[OpStats, ...] = self._stats.ops
+        self._write_op = self._ops[_WRITE]
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -352,6 +363,9 @@ class Connection(asyncio.BufferedProtocol):
         self.handshake = None
         self.device = export.device
         self.export_name = export.name
+        self._stats = export.stats
+        self._ops = export.stats.ops
+        self._write_op = self._ops[_WRITE]
         self.session = Session(ev.export.size_bytes, export.device.capabilities,
                                ev.structured_replies, ev.base_allocation_id)
         self._mode = ("structured" if ev.structured_replies else "simple") + (
@@ -367,6 +381,7 @@ class Connection(asyncio.BufferedProtocol):
         arena = self._arena
         self._processing = True
         message_bytes = 0
+        arrived_ns = now_ns()  # one clock read for every request of this batch
         try:
             while self._reading and not self._disconnecting:
                 start = arena.start
@@ -374,7 +389,7 @@ class Connection(asyncio.BufferedProtocol):
                 if pending < _REQUEST_BYTES:
                     break
                 try:
-                    req = p.parse_request(arena.buf, start)
+                    req = p.parse_request(arena.buf, start, arrived_ns)
                 except p.ProtocolError as e:
                     self._close(str(e))
                     return
@@ -407,6 +422,7 @@ class Connection(asyncio.BufferedProtocol):
             check_request(req, s)
         except RequestError as e:
             self._send(error_reply(req.handle, e.err, str(e), s.structured_replies))
+            self._stats.op(t).record(req.arrived_ns, 0, True)
             return
         cost = req.length if t == _WRITE or t == _READ else 0
         self._inflight += 1
@@ -483,6 +499,12 @@ class Connection(asyncio.BufferedProtocol):
         assert self._inflight >= 0 and self._inflight_bytes >= 0
         if self.transport is not None and self._out is not None:
             self._out.write_one(p.simple_reply(req.handle))
+        # OpStats.record, inlined (the hot command; measured in benchmarks/README.md).
+        w = self._write_op
+        dt = now_ns() - req.arrived_ns
+        w.buckets[bucket_of(LATENCY_BOUNDS_NS, dt)] += 1
+        w.sum_ns += dt
+        w.ok_bytes += req.length
         if self._disconnecting:
             self._maybe_finish_disconnect()
         elif self._paused_reasons and (self._inflight < INFLIGHT_REQUESTS_MAX
@@ -506,6 +528,7 @@ class Connection(asyncio.BufferedProtocol):
                                   s.structured_replies)]
         assert result is not None
         self._send(*result)
+        self._ops[req.type].record(req.arrived_ns, req.length, exc is not None)
         if self._disconnecting:
             self._maybe_finish_disconnect()
         elif self._paused_reasons and (self._inflight < INFLIGHT_REQUESTS_MAX

@@ -67,6 +67,10 @@ class Resource(BlockDevice):
         self.capabilities = Capabilities(can_multi_conn=True)
         self.nbd_clients: Callable[[], int] = lambda: 0
         self.link: PeerLink | None = None
+        # Bytes sent and received over the peer links that are gone (each link counts its
+        # own): with the current link's, what /metrics reports as the replication traffic.
+        self._past_links_sent_bytes = 0
+        self._past_links_received_bytes = 0
         self._loop = asyncio.get_running_loop()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -238,6 +242,7 @@ class Resource(BlockDevice):
         """A new authenticated link (dialed or accepted) replaces any old one."""
         old = self.link
         if old is not None and old is not link:
+            self._retire_link(old)
             self.link = None
             self.core.link_down("replaced by a new connection")
             old.close("replaced by a new connection")
@@ -246,7 +251,13 @@ class Resource(BlockDevice):
         self.send_frame = link.send_frame  # type: ignore[method-assign]
         self.send_write_ack = link.send_write_ack  # type: ignore[method-assign]
 
+    def _retire_link(self, link: PeerLink) -> None:
+        self._past_links_sent_bytes += link.sent_bytes
+        self._past_links_received_bytes += link.received_bytes
+
     def _unlink(self) -> None:
+        if self.link is not None:
+            self._retire_link(self.link)
         self.link = None
         self.send_frame = _drop  # type: ignore[method-assign]
         self.send_write_ack = _drop  # type: ignore[method-assign]
@@ -612,6 +623,13 @@ class Resource(BlockDevice):
         return FaultyDevice(volume, reads=reads, writes=writes, flushes=flushes)
 
     # --- status ---------------------------------------------------------------------------------
+
+    def link_bytes(self) -> tuple[int, int]:
+        """(sent, received) bytes over every peer link this resource has had, the current
+        one included: counters that only grow (`status` shows the current link's)."""
+        link = self.link
+        return (self._past_links_sent_bytes + (link.sent_bytes if link else 0),
+                self._past_links_received_bytes + (link.received_bytes if link else 0))
 
     def status(self, nbd_uri: str) -> dict:
         st = self.core.status(nbd_uri)
