@@ -35,3 +35,15 @@ def test_a_move_or_a_stop_is_not_a_failover():
            d(5, "relocate", "starting", "beta"), d(6, "starting", "started", "beta"),
            d(7, "started", "stopping", "beta"), d(8, "stopping", "stopped", None)]
     assert failovers(log) == []
+
+
+def test_a_fenced_node_straight_to_starting_elsewhere():
+    """What the browser test's log held: 'beta lost ...; recovering on alpha' (rule
+    recover, started -> starting on alpha), then running on alpha."""
+    log = [d(1, "starting", "started", "beta"),
+           {**d(5, "started", "starting", "alpha", "beta lost; recovering on alpha"),
+            "rule": "recover"},
+           d(6.5, "starting", "started", "alpha")]
+    assert failovers(log) == [{"guest": "vm1", "from": "beta", "to": "alpha", "began": 5,
+                               "ended": 6.5, "seconds": 1.5,
+                               "why": "beta lost; recovering on alpha", "outcome": "started"}]

@@ -92,7 +92,8 @@ def test_login_cookie_and_dashboard(web):
 
     async def go():
         r = await login(c, password="wrong password")
-        assert r.status == 401 and "Wrong user name or password" in await r.text()
+        assert r.status == 401 and "Wrong user name, password or one-time code" in \
+            await r.text()
         r = await login(c)
         assert r.status == 302
         cookie = r.headers["Set-Cookie"]
@@ -320,3 +321,29 @@ def test_safety_levels():
     assert "fencing is off" in guest_safety(["r0"], nofence)["why"]
     assert guest_safety(["r0", "r1"], {**ok, "r1": {}}) == {
         "level": "unprotected", "why": "r0 UpToDate on alpha and beta; r1: no node answers"}
+
+
+def test_totp_second_factor_and_users_file_read_again(web, tmp_path):
+    from hvctl.web import totp
+
+    loop, c, users = web
+    other = Users(users.path)  # what `hvctl web totp ann` does, from another process
+    secret = other.set_totp("ann")
+    other.add("newbie", "viewer", PASSWORD)
+
+    async def go():
+        r = await login(c)  # the server's Users sees the change without a restart
+        assert r.status == 401 and "one-time code" in await r.text()
+        r = await c.post("/login", data={"user": "ann", "password": PASSWORD,
+                                         "code": "000000"}, allow_redirects=False)
+        assert r.status == 401
+        code = totp.code_at(secret, __import__("time").time())
+        r = await c.post("/login", data={"user": "ann", "password": PASSWORD, "code": code},
+                         allow_redirects=False)
+        assert r.status == 302, await r.text()
+        r = await c.post("/login", data={"user": "ann", "password": PASSWORD, "code": code},
+                         allow_redirects=False)
+        assert r.status == 401  # the same code twice: refused
+        assert (await login(c, "newbie")).status == 302
+    loop.run(go())
+    assert other.clear_totp("ann") and not other.clear_totp("ann")

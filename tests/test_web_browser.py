@@ -22,6 +22,12 @@ CHROMIUM = "/usr/bin/chromium"
 SHOTS = REPO / "build" / "screenshots"
 PASSWORD = "correct horse"
 UI_TIMEOUT_MS = 60_000
+RESYNC_RATE = "4M"  # r1's: 64 MiB in 16 s at the start, WRITE_MIB in ~6 s after a reconnect
+WRITE_MIB = 24
+# xterm.js draws only the rows on screen: the whole scrollback, as text
+TERMINAL_TEXT = """() => { const b = term.buffer.active, out = [];
+    for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
+    return out.join("\\n"); }"""
 
 
 @pytest.fixture
@@ -43,8 +49,10 @@ def ha_web(tmp_path_factory):
             raise
         pytest.skip(str(e))
     img = build_guest(REPO / "build" / "guest")
+    # r1: no guest uses it; its slow resync is the progress bar the storage page shows
     ha = HaHosts(tmp_path_factory.mktemp("haweb"),
-                 guest_toml(img.kernel, img.initrd, f"web-{uuid.uuid4().hex[:8]}"))
+                 guest_toml(img.kernel, img.initrd, f"web-{uuid.uuid4().hex[:8]}"),
+                 resources=("r0", "r1"), resync_rates={"r1": RESYNC_RATE})
     web = None
     try:
         ha.start()
@@ -104,7 +112,8 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             page.on("dialog", lambda d: d.accept())  # the action confirmations
 
             login(page, base, "ann", "wrong password")
-            expect(page.get_by_role("alert")).to_contain_text("Wrong user name or password")
+            expect(page.get_by_role("alert")).to_contain_text(
+                "Wrong user name, password or one-time code")
             shot(page, "login-refused")
 
             login(page, base, "ann")
@@ -118,7 +127,6 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             expect(node_row(page, "alpha")).to_contain_text(
                 "yes, with a failover: vm1 would move to beta", timeout=UI_TIMEOUT_MS)
             expect(page.get_by_role("button", name="maintenance on for beta")).to_be_visible()
-            page.evaluate("window.notReloaded = true")
             shot(page, "dashboard")
 
             # The serial console in the page: the guest's loop prints there as it runs.
@@ -128,12 +136,56 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             shot(page, "console")
             page.get_by_role("button", name="Close the console").click()
 
+            # Stop it, then Start it: the console opens first and shows the boot's lines.
+            page.get_by_role("button", name="stop vm1").click()
+            expect(page.locator("#result")).to_contain_text("vm1 stopped", timeout=UI_TIMEOUT_MS)
+            expect(row(page, "vm1")).to_contain_text("stopped", timeout=UI_TIMEOUT_MS)
+            page.get_by_role("button", name="start vm1").click()
+            page.wait_for_function(f"({TERMINAL_TEXT})().includes('GUEST-START')",
+                                   timeout=UI_TIMEOUT_MS)
+            page.wait_for_function(f"/PEEK:web-/.test(({TERMINAL_TEXT})())",
+                                   timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#result")).to_contain_text("vm1 started on alpha",
+                                                            timeout=UI_TIMEOUT_MS)
+            shot(page, "console-boot")
+            page.get_by_role("button", name="Close the console").click()
+
             # Move with a button: ACPI on alpha, then a start on beta, through the agents.
             page.get_by_role("button", name="move vm1 to beta").click()
             expect(page.locator("#result")).to_contain_text("vm1 started on beta",
                                                             timeout=UI_TIMEOUT_MS)
             expect(row(page, "vm1").locator("td").nth(2)).to_have_text(
                 "beta", timeout=UI_TIMEOUT_MS)
+
+            # The storage page: beta's r1 disconnected with a button, 24 MiB written on
+            # alpha meanwhile, connected again: the resync's progress bar advances.
+            page.get_by_role("link", name="Storage").click()
+            ha.rblock("alpha", "primary", "r1")
+            r1 = lambda n: page.locator(f'#storage tr[data-resource="r1@{n}"]')  # noqa: E731
+            expect(r1("alpha")).to_contain_text("Primary", timeout=UI_TIMEOUT_MS)
+            page.get_by_role("button", name="disconnect r1 on beta").click()
+            expect(r1("beta")).to_contain_text("standalone", timeout=UI_TIMEOUT_MS)
+            subprocess.run(ha.net["alpha"].argv([
+                "qemu-io", "-f", "raw", "-c", f"write -P 0xab 0 {WRITE_MIB}M",
+                ha.res("alpha", "r1")["nbd"]]), check=True, capture_output=True, timeout=60)
+            expect(r1("alpha")).to_contain_text(f"{WRITE_MIB}.0 MiB", timeout=UI_TIMEOUT_MS)
+            page.get_by_role("button", name="connect r1 on beta").click()
+            bar = page.get_by_role("progressbar", name="resync of r1 on alpha")
+            expect(bar).to_be_visible(timeout=UI_TIMEOUT_MS)
+            first = float(bar.get_attribute("value"))
+            page.wait_for_function(
+                """([sel, v]) => { const b = document.querySelector(sel);
+                    return b && parseFloat(b.value) > v; }""",
+                arg=['progress[aria-label="resync of r1 on alpha"]', first],
+                timeout=UI_TIMEOUT_MS)
+            shot(page, "storage-resync")
+            expect(bar).to_have_count(0, timeout=UI_TIMEOUT_MS)  # done
+            expect(r1("beta")).to_contain_text("UpToDate")
+            ha.rblock("alpha", "secondary", "r1")
+            page.get_by_role("link", name="Dashboard").click()
+            expect(row(page, "vm1").locator("td").nth(2)).to_have_text("beta",
+                                                                      timeout=UI_TIMEOUT_MS)
+            page.evaluate("window.notReloaded = true")
 
             # beta dies: the page shows it lost and vm1 running on alpha again, live.
             ha.crash("beta")
@@ -149,6 +201,15 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
                                                             timeout=UI_TIMEOUT_MS)
             assert page.evaluate("window.notReloaded") is True  # never reloaded
             shot(page, "failover")
+
+            # The tasks page: who did what, and the failover with how long it took.
+            page.get_by_role("link", name="Tasks").click()
+            expect(page.locator("#failovers tr").first).to_contain_text(
+                re.compile(r"vm1\s*beta\s*alpha\s*[\d.]+ s\s*started"), timeout=UI_TIMEOUT_MS)
+            tasks = page.locator("#tasks")
+            for text in ("ann", "move", "vm1 on beta", "disconnect", "r1 on beta", "done"):
+                expect(tasks).to_contain_text(text)
+            shot(page, "tasks")
 
             # A viewer sees everything, has no action buttons, and the API refuses it.
             viewer = browser.new_context(viewport={"width": 390, "height": 844}).new_page()

@@ -69,7 +69,8 @@ prefer = ["alpha"]
 class HaHosts:
     def __init__(self, workdir: Path, guests: str, size: str = "64M",
                  lease_ttl_s: int = 5, extra_cluster: str = "",
-                 resources: tuple[str, ...] = ("r0",)) -> None:
+                 resources: tuple[str, ...] = ("r0",),
+                 resync_rates: dict[str, str] | None = None) -> None:
         self.dir = Path(workdir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)  # libvirt-qemu reads nothing here, but root-only dirs
@@ -78,6 +79,7 @@ class HaHosts:
         self.lease_ttl_s = lease_ttl_s
         self.extra_cluster = extra_cluster
         self.resources = resources
+        self.resync_rates = resync_rates or {}  # resource -> rate ("400M" if not given)
         self.net = NetHosts(HOSTS)
         self.libvirt: dict[str, LibvirtHost] = {}
         self.etcd: dict[str, subprocess.Popen] = {}
@@ -152,7 +154,8 @@ class HaHosts:
                  '[hvctl]\nstate_dir = "hvctl-state"\ndomain_type = "qemu"\n'
                  'stop_timeout_s = 10\n',
                  *(f'[resource.{r}]\nsize = "{self.size}"\nsecret = "ha-test-secret"\n'
-                   f'resync_rate = "400M"\n' for r in self.resources)]
+                   f'resync_rate = "{self.resync_rates.get(r, "400M")}"\n'
+                   for r in self.resources)]
         for h in DATA_HOSTS:
             (self.dir / h).mkdir(exist_ok=True)
             lines.append(f'[node.{h}]\nreplication = "{self.addr(h)}:{REPLICATION_PORT}"\n'

@@ -2,7 +2,8 @@
 LOG_KEEP decisions). Pure.
 
 A failover begins when a started guest's record leaves STARTED because its node was lost
-(to FENCE, or straight to RECOVERY), and ends at the guest's next STARTED (on the node that
+(the planner's rules `fence` and `recover`: to FENCE, RECOVERY, or straight to STARTING on
+another node), and ends at the guest's next STARTED (on the node that
 took it) or at ERROR / STOPPED (it did not come back). Its duration runs from the decision
 that the node was lost, so it leaves out the lease expiry that led to that decision
 (benchmarks/ha_failover.py measures the whole, from the host's death).
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 LOST_STATES = ("fence", "recovery")
+LOST_RULES = ("fence", "recover")  # hvctl/ha/planner.py's rules for a node that is gone
 ENDS = ("started", "error", "stopped")
 
 
@@ -27,16 +29,16 @@ def failovers(log: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for d in log:
         g = d["guest"]
         if g not in open_:
-            if d["before"] == "started" and d["after"] in LOST_STATES:
-                open_[g] = {"guest": g, "from": d.get("node") or ran_on.get(g), "to": None,
+            if d["before"] == "started" and (d["after"] in LOST_STATES
+                                             or d["rule"] in LOST_RULES):
+                lost = ran_on.get(g) or (d.get("node") if d["after"] == "fence" else None)
+                open_[g] = {"guest": g, "from": lost, "to": None,
                             "began": d["time"], "ended": None, "seconds": None,
                             "why": d["text"], "outcome": "under way"}
             elif d["after"] == "started":
                 ran_on[g] = d.get("node")
             continue
         f = open_[g]
-        if f["from"] is None and d["after"] in LOST_STATES:
-            f["from"] = d.get("node")
         if d["after"] in ENDS:
             f.update(ended=d["time"], seconds=round(d["time"] - f["began"], 2),
                      outcome=d["after"], to=d.get("node") if d["after"] == "started" else None)

@@ -140,6 +140,7 @@ class Backend:
         guests = await self.guests()
         for g in guests:
             g["safety"] = guest_safety(list(self.cfg.guest(g["name"]).disks), storage)
+            g["graphics"] = getattr(self.cfg.guest(g["name"]).graphics, "type", None)
         nodes = await self.ctl.node_list(rblock)
         ha: dict[str, Any] = {"leader": None, "nodes": [], "guests": [],
                               "note": "no [cluster] etcd: HA is off"}
@@ -160,23 +161,29 @@ class Backend:
                 "safe_to_stop": await self.safe_to_stop(snap) if snap is not None else {},
                 "time": time.time()}
 
-    async def wait_running(self, name: str, timeout_s: float, poll_s: float) -> None:
-        """Until NAME runs on some node (a console opened together with Start)."""
-        g = self.cfg.guest(name)
-        deadline = time.monotonic() + timeout_s
-        while not self.ctl.locate(g).active:
-            if time.monotonic() > deadline:
-                raise ApiError(409, f"{name} did not start within {timeout_s:g} s; see the "
-                               "task log")
-            await asyncio.sleep(poll_s)
-
-    async def console(self, name: str):  # noqa: ANN201 -- a hvctl.web.console.Console
+    async def console(self, name: str, wait_s: float = 0.0,
+                      poll_s: float = 0.2):  # noqa: ANN201 -- a hvctl.web.console.Console
+        """NAME's serial console; with WAIT_S, wait that long for it to start (a console
+        opened together with Start): until it runs and its console opens (a domain that
+        QEMU is still bringing up has no console yet)."""
         from hvctl.web.console import Console
 
-        p = self.ctl.locate(self.cfg.guest(name))
-        if not p.active:
-            raise ApiError(409, f"{name} is not running; start it to use its console")
-        return await Console.open(self.ctl.virts[p.active[0]], name)
+        g = self.cfg.guest(name)
+        deadline = time.monotonic() + wait_s
+        while True:
+            p = self.ctl.locate(g)
+            if p.active:
+                try:
+                    return await Console.open(self.ctl.virts[p.active[0]], name)
+                except VirtError:
+                    if time.monotonic() > deadline:
+                        raise
+            elif time.monotonic() > deadline:
+                if wait_s:
+                    raise ApiError(409, f"{name} did not start within {wait_s:g} s; see the "
+                                   "task log")
+                raise ApiError(409, f"{name} is not running; start it to use its console")
+            await asyncio.sleep(poll_s)
 
     # --- actions ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
     POST /api/v1/resources/{name}/resolve          {"keep": "alpha"}: end a split brain
     GET  /api/v1/events                           server-sent events: the overview on change
     GET  /api/v1/guests/{name}/console[?wait=1]   websocket: the guest's serial console
+    POST /api/v1/guests/{name}/vnc, GET /api/v1/vnc/{ticket}   its screen (hvctl/web/vnc.py)
     GET  /api/v1/openapi.json
 
 Errors are JSON {"error": "<the CLI's one-line message>"} with the status: 400 bad input,
@@ -131,12 +132,19 @@ async def login(request: web.Request) -> web.StreamResponse:
         return aiohttp_jinja2.render_template(
             "login.html", request, {"error": "Too many failed logins; wait a minute."},
             status=429)
-    user = request.app[USERS].verify(name, password)
+    users = request.app[USERS]
+    user = users.verify(name, password)
+    if user is not None and users.needs_code(name) and not users.check_code(
+            name, str(form.get("code", ""))):
+        log.warning("login of %r from %s: one-time code missing, wrong or used", name,
+                    request.remote)
+        user = None
     if user is None:
         limit.failed(keys)
-        log.warning("login of %r from %s: wrong user name or password", name, request.remote)
+        log.warning("login of %r from %s refused", name, request.remote)
         return aiohttp_jinja2.render_template(
-            "login.html", request, {"error": "Wrong user name or password."}, status=401)
+            "login.html", request,
+            {"error": "Wrong user name, password or one-time code."}, status=401)
     limit.succeeded(keys)
     session = request.app[SESSIONS].create(user)
     log.info("%s logged in from %s", user.name, request.remote)
@@ -340,10 +348,12 @@ async def api_console(request: web.Request) -> web.StreamResponse:
     if origin is not None and origin.split("://", 1)[-1] != request.host:
         raise ApiError(403, f"websocket from another site ({origin}) refused")
     name = request.match_info["name"]
-    backend = request.app[BACKEND]
-    if request.query.get("wait") == "1":  # opened with Start: from the guest's first line
-        await _call(backend.wait_running(name, CONSOLE_WAIT_S, CONSOLE_WAIT_POLL_S))
-    console = await _call(backend.console(name))
+    wait_s = CONSOLE_WAIT_S if request.query.get("wait") == "1" else 0.0  # with Start
+    try:
+        console = await _call(request.app[BACKEND].console(name, wait_s, CONSOLE_WAIT_POLL_S))
+    except ApiError as e:
+        log.warning("%s: console of %s refused: %s", user.name, name, e)
+        raise
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     log.info("%s: console of %s opened", user.name, name)
@@ -413,6 +423,9 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_get("/api/v1/overview", api_overview)
     r.add_get("/api/v1/guests", api_guests)
     r.add_get("/api/v1/guests/{name}", api_guest)
+    from hvctl.web import vnc  # here: vnc.py imports this module's keys
+
+    vnc.add_routes(app)  # the guest's screen; before {action}, which would match /vnc
     r.add_post("/api/v1/guests/{name}/{action}", api_action)
     r.add_get("/api/v1/guests/{name}/console", api_console)
     r.add_get("/api/v1/nodes", api_nodes)

@@ -31,6 +31,10 @@ def add_parsers(top: Any) -> None:
                    help="read the password from standard input (for scripts)")
     p = ws.add_parser("token", help="make an API token for a user (printed once)")
     p.add_argument("name", metavar="NAME")
+    p = ws.add_parser("totp", help="turn on a user's second factor (a one-time code from an "
+                                   "authenticator app at every login), or off with --off")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--off", action="store_true", help="turn it off")
 
 
 def users_path(cfg: Any) -> Path:
@@ -55,6 +59,20 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
             return 0
         if args.command == "token":
             print(users.new_token(args.name))
+            return 0
+        if args.command == "totp":
+            from hvctl.web.totp import uri
+
+            if args.off:
+                had = users.clear_totp(args.name)
+                print(f"{args.name}: one-time codes " + ("off" if had else "were not on; "
+                                                         "nothing changed"))
+                return 0 if had else 1
+            secret = users.set_totp(args.name)
+            print(f"{args.name}: one-time codes on. Add this to an authenticator app (as a "
+                  f"QR code or pasted):\n  {uri(secret, args.name)}\nor type the secret: "
+                  f"{secret}\nFrom now on the login asks for its code. A running "
+                  "'hvctl web' reads it at its next start.")
             return 0
     except UserError as e:
         print(f"hvctl: {e}", file=sys.stderr)

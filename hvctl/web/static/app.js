@@ -85,6 +85,10 @@ function guests(o) {
       acts.append(button(`start ${g.name}`, "Start", () => startWatching(g.name), !running), " ",
         button(`stop ${g.name}`, "Stop", () => act(g.name, "stop"), running), " ",
         button(`console of ${g.name}`, "Console", () => openConsole(g.name), running), " ");
+      if (g.graphics) {  // vnc.js (a module, loaded after this file): noVNC on a one-time ticket
+        acts.append(button(`screen of ${g.name}`, "Screen", () => H.openScreen ? H.openScreen(g.name)
+          : (H.screenWanted = g.name), running), " ");
+      }
       for (const n of nodes.filter((n) => n !== g.node)) {
         acts.append(button(`move ${g.name} to ${n}`, `Move to ${n}`, () => act(g.name, "move", n), running), " ");
       }
@@ -139,6 +143,7 @@ function etcd(o) {
 
 function storage(o) {
   const rows = [], split = [];
+  const withActions = $("storage").dataset.actions === "1";  // the Storage page; not the dashboard
   for (const [r, byNode] of Object.entries(o.storage || {})) {
     const sides = [];
     for (const [n, st] of Object.entries(byNode)) {
@@ -151,7 +156,7 @@ function storage(o) {
           (p.sync_rate_bytes_per_s ? `, ${bytes(p.sync_rate_bytes_per_s)}/s` : ""))
         : (st.role ? (p.split_brain ? state("split-brain") : "-") : "");
       const acts = el("td");
-      if (H.admin && st.role) {
+      if (withActions && H.admin && st.role) {
         const standalone = p.connection === "StandAlone";
         acts.append(
           standalone && !p.split_brain
@@ -168,7 +173,8 @@ function storage(o) {
         el("td", {}, st.role || "unreachable"), el("td", {}, st.disk || "-"),
         el("td", {}, p.connection ? state(p.connection.toLowerCase()) : "-",
           p.refusal ? el("div", {class: "muted"}, p.refusal) : ""),
-        el("td", {}, st.role ? bytes(p.out_of_sync_bytes || 0) : "-"), el("td", {}, sync), acts));
+        el("td", {}, st.role ? bytes(p.out_of_sync_bytes || 0) : "-"), el("td", {}, sync),
+        ...(withActions ? [acts] : [])));
     }
     if (sides.length) split.push([r, byNode]);
   }
