@@ -178,6 +178,9 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
                     return b && parseFloat(b.value) > v; }""",
                 arg=['progress[aria-label="resync of r1 on alpha"]', first],
                 timeout=UI_TIMEOUT_MS)
+            # ... and r1's chart on alpha draws the resync's rate from alpha's counters
+            expect(page.locator('figure[data-chart="r1@alpha"] p')).to_contain_text(
+                re.compile(r"resync [1-9][\d.]* MiB/s"), timeout=UI_TIMEOUT_MS)
             shot(page, "storage-resync")
             expect(bar).to_have_count(0, timeout=UI_TIMEOUT_MS)  # done
             expect(r1("beta")).to_contain_text("UpToDate")

@@ -20,7 +20,7 @@ from hvctl.ha.ops import HaError, HaView, settled
 from hvctl.virt import VirtError
 from hvctl.web.safety import guest_safety
 from rblock.config import ConfigError
-from rblock.control_client import ControlError
+from rblock.control_client import ControlError, summarize_metrics
 
 ACTIONS = ("start", "stop", "destroy", "move")
 # What the Storage page offers on a resource of a node (rblock's commands of the same name);
@@ -93,6 +93,17 @@ class Backend:
                 out[node] = await self.ctl.control(node).status()
             except ControlError as e:
                 out[node] = e
+        return out
+
+    async def metrics(self) -> dict[str, dict]:
+        """node -> its counters (summarize_metrics of its /metrics), for the nodes that
+        answer; the charts skip the others."""
+        out: dict[str, dict] = {}
+        for node in self.cfg.cluster.nodes:
+            try:
+                out[node] = summarize_metrics(await self.ctl.control(node).metrics())
+            except ControlError:
+                continue
         return out
 
     def storage(self, rblock: dict[str, dict | ControlError]) -> dict[str, dict[str, dict]]:

@@ -7,7 +7,7 @@ both (hvctl/web/actions.py), the access rules of hvctl/web/auth.py.
     GET  /api/v1/guests, /api/v1/guests/{name}
     POST /api/v1/guests/{name}/{start|stop|destroy|move}   JSON body {"node": "beta"}
     GET  /api/v1/nodes, /api/v1/ha/status, /api/v1/ha/log, /api/v1/ha/failovers,
-         /api/v1/storage, /api/v1/tasks
+         /api/v1/storage, /api/v1/charts, /api/v1/tasks
     POST /api/v1/nodes/{name}/maintenance          JSON body {"on": true}
     POST /api/v1/resources/{name}/{verify|invalidate|connect|disconnect}  {"node": "beta"}
     POST /api/v1/resources/{name}/resolve          {"keep": "alpha"}: end a split brain
@@ -38,8 +38,9 @@ import jinja2
 from aiohttp import web
 
 from hvctl.config import HvConfig
-from hvctl.web import auth
+from hvctl.web import auth, vnc
 from hvctl.web.actions import ACTIONS, ApiError, Backend, translate
+from hvctl.web.charts import Charts
 from hvctl.web.openapi import OPENAPI
 from hvctl.web.sampler import Sampler
 from hvctl.web.users import User, Users
@@ -50,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 TASKS_MAX = 1000
 EVENTS_INTERVAL_S = 1.0  # the overview is sampled this often for the live page
 EVENTS_KEEPALIVE_S = 15.0  # a comment line on an idle stream, so proxies keep it open
+CHARTS_INTERVAL_S = 2.0  # each node's counters are read this often for the charts
 OVERVIEW_TASKS = 50  # the newest tasks in the overview (all of them: /api/v1/tasks)
 CONSOLE_WAIT_S = 120.0  # ?wait=1: how long a console waits for its guest to start
 CONSOLE_WAIT_POLL_S = 0.2
@@ -57,6 +59,7 @@ PUBLIC = ("/login", "/static/")
 
 BACKEND = web.AppKey("backend", Backend)
 SAMPLER = web.AppKey("sampler", Sampler)
+CHARTS = web.AppKey("charts", Charts)
 USERS = web.AppKey("users", Users)
 SESSIONS = web.AppKey("sessions", auth.Sessions)
 LIMIT = web.AppKey("limit", auth.LoginLimit)
@@ -199,6 +202,12 @@ async def api_overview(request: web.Request) -> web.Response:
 
 async def api_storage(request: web.Request) -> web.Response:
     return web.json_response((await _call(request.app[SAMPLER].get()))["storage"])
+
+
+async def api_charts(request: web.Request) -> web.Response:
+    """The charts' points so far (the live stream then carries each new one)."""
+    await _call(request.app[SAMPLER].get())
+    return web.json_response(request.app[CHARTS].series())
 
 
 async def api_failovers(request: web.Request) -> web.Response:
@@ -396,6 +405,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     app[TASKS] = deque(maxlen=TASKS_MAX)  # the newest; ids keep counting past it
     app[TASK_IDS] = itertools.count(1)
     app[SECURE] = secure
+    app[CHARTS] = Charts()
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                          autoescape=jinja2.select_autoescape(["html"]))
 
@@ -405,10 +415,22 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
         async def sample() -> dict:
             o = await b.overview()
             o["tasks"] = list(app[TASKS])[-OVERVIEW_TASKS:]
+            o["charts"] = app[CHARTS].latest()  # the page appends them to /api/v1/charts
             return o
 
+        async def chart() -> None:  # always, so a page opened later has the minutes before
+            while True:
+                t = time.time()
+                for node, summary in (await b.metrics()).items():
+                    app[CHARTS].add(t, node, summary)
+                await asyncio.sleep(max(0.0, CHARTS_INTERVAL_S - (time.time() - t)))
+
         app[SAMPLER] = Sampler(sample, EVENTS_INTERVAL_S, lambda e: str(translate(e)))
+        charting = asyncio.get_running_loop().create_task(chart())
         yield
+        charting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await charting
         await app[SAMPLER].close()
         await b.close()
 
@@ -423,9 +445,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_get("/api/v1/overview", api_overview)
     r.add_get("/api/v1/guests", api_guests)
     r.add_get("/api/v1/guests/{name}", api_guest)
-    from hvctl.web import vnc  # here: vnc.py imports this module's keys
-
-    vnc.add_routes(app)  # the guest's screen; before {action}, which would match /vnc
+    vnc.add_routes(app, BACKEND, USER, SESSION)  # the screen; before {action}, or it matches
     r.add_post("/api/v1/guests/{name}/{action}", api_action)
     r.add_get("/api/v1/guests/{name}/console", api_console)
     r.add_get("/api/v1/nodes", api_nodes)
@@ -434,6 +454,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     r.add_get("/api/v1/ha/log", api_ha_log)
     r.add_get("/api/v1/ha/failovers", api_failovers)
     r.add_get("/api/v1/storage", api_storage)
+    r.add_get("/api/v1/charts", api_charts)
     r.add_post("/api/v1/resources/{name}/{action}", api_resource)
     r.add_get("/api/v1/tasks", api_tasks)
     r.add_get("/api/v1/events", api_events)

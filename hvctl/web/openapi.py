@@ -42,6 +42,24 @@ OPENAPI = {
                 "type": "object", "properties": {"node": {"type": "string"}}}}}},
             "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
                           "403": _ERR, "404": _ERR, "409": _ERR, "502": _ERR}}},
+        "/api/v1/guests/{name}/vnc": {"post": {
+            "summary": "a one-time ticket for the guest's screen (admins; the guest needs "
+                       "graphics = \"vnc\" and must run): used once, within 30 s, by this "
+                       "login, at the websocket of its url",
+            "parameters": [_NAME],
+            "responses": {"200": {"description": "the ticket", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "ticket": {"type": "string"}, "url": {"type": "string"},
+                    "expires_in_s": {"type": "number"}}}}}},
+                "401": _ERR, "403": _ERR, "404": _ERR, "409": _ERR, "429": _ERR,
+                "502": _ERR}}},
+        "/api/v1/vnc/{ticket}": {"get": {
+            "summary": "websocket: the guest's VNC (RFB) bytes both ways, for noVNC; spends "
+                       "the ticket; the Origin must be this server",
+            "parameters": [{"name": "ticket", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"101": {"description": "websocket"}, "400": _ERR, "401": _ERR,
+                          "403": _ERR, "404": _ERR, "409": _ERR, "502": _ERR}}},
         "/api/v1/nodes": _get("every node: libvirt, guests, rblock roles", _LIST),
         "/api/v1/nodes/{name}/maintenance": {"post": {
             "summary": "maintenance on (its HA guests move away) or off",
@@ -52,6 +70,8 @@ OPENAPI = {
             "responses": {"200": {"description": "done", **_OBJ}, "400": _ERR, "401": _ERR,
                           "403": _ERR, "404": _ERR, "409": _ERR}}},
         "/api/v1/storage": _get("resource -> node -> that node's rblock status", _OBJ),
+        "/api/v1/charts": _get("per RESOURCE@NODE over the last minutes: t, write_iops, "
+                               "write_latency_ms, sync_bytes_per_s", _OBJ),
         "/api/v1/resources/{name}/{action}": {"post": {
             "summary": "verify, invalidate, connect or disconnect a resource on one node; "
                        "resolve ends a split brain by keeping one node's data",

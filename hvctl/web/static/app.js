@@ -227,6 +227,7 @@ const SECTIONS = {summary, guests, nodes, etcd, storage, "ha-log": haLog, tasks,
 function render(o) {
   if (o.error) { const r = $("result"); if (r) { r.textContent = o.error; r.className = "result error"; } return; }
   for (const [id, f] of Object.entries(SECTIONS)) if ($(id)) f(o);
+  for (const f of H.listeners || []) f(o);  // e.g. charts.js
 }
 
 // The serial console: xterm.js on a websocket to the guest's console (libvirt's stream).
