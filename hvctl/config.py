@@ -20,6 +20,8 @@ The cluster file is rblock's (rblock/config.py reads resources and nodes); hvctl
     console_log = "logs/vm1.log" # serial console log on the node that runs it
     node = "alpha"               # preferred node for `start` without --on
     network = { type = "user" }  # or { type = "bridge", source = "br0" } / "network"
+    graphics = "vnc"             # a VGA display and VNC on the node's replication address,
+                                 # for the web page's screen; "none" (the default)
     ha = "started"               # HA: keep it running (hvctl agent); "stopped", or
                                  # "disabled" (the default: not managed by HA)
     prefer = ["alpha"]           # HA: nodes to place it on first, in order
@@ -57,6 +59,9 @@ from rblock.units import parse_size
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
 NETWORK_TYPES = ("user", "bridge", "network")
 NIC_MODELS = ("virtio", "e1000", "rtl8139")
+GRAPHICS = ("none", "vnc")
+# A VNC server without a password must listen on one address, never on all of them.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MEMORY_DEFAULT = "512M"
 MEMORY_MIN_BYTES = 16 << 20
 VCPUS_MAX = 256
@@ -67,7 +72,7 @@ HVCTL_KEYS = ("guests", "domain_type", "stop_timeout_s", "state_dir", "probe_ker
               "watchdog")
 GUEST_KEYS = ("disks", "memory", "vcpus", "kernel", "initrd", "cmdline", "console_log", "node",
               "network", "domain_type", "stop_timeout_s", "reconnect_delay_s", "ha", "prefer",
-              "max_restart", "max_relocate")
+              "max_restart", "max_relocate", "graphics")
 HA_MODES = ("disabled", "started", "stopped")
 MAX_RESTART_DEFAULT = 1
 MAX_RELOCATE_DEFAULT = 1
@@ -85,6 +90,19 @@ class Network:
     source: str | None
     model: str
     mac: str
+
+
+@dataclass(frozen=True)
+class Graphics:
+    """A guest's display: a VGA card and a VNC server (no password: the web page's one-time
+    tickets are the access control) listening on the address of the node that runs it, the
+    host of node.NAME.replication, which the web server reaches."""
+
+    type: str  # "vnc"
+    listen: tuple[tuple[str, str], ...]  # (node, address) for every node that may run it
+
+    def address(self, node: str) -> str:
+        return dict(self.listen)[node]
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,7 @@ class GuestConfig:
     prefer: tuple[str, ...] = ()
     max_restart: int = MAX_RESTART_DEFAULT
     max_relocate: int = MAX_RELOCATE_DEFAULT
+    graphics: Graphics | None = None
 
     @property
     def uuid(self) -> str:
@@ -312,12 +331,30 @@ class _Loader:
         max_relocate = self.count(file, f"{_p(key)}max_relocate",
                                   t.get("max_relocate", MAX_RELOCATE_DEFAULT),
                                   MAX_RELOCATE_DEFAULT)
+        graphics = self.graphics(file, f"{_p(key)}graphics", t.get("graphics", "none"),
+                                 holders)
         return GuestConfig(name=name, disks=disks, memory_bytes=memory_bytes, vcpus=vcpus,
                            kernel=kernel, initrd=initrd, cmdline=cmdline,
                            console_log=console_log, node=node, network=network,
                            domain_type=domain_type, stop_timeout_s=stop_timeout_s,
                            reconnect_delay_s=reconnect, source=file, ha=ha, prefer=prefer,
-                           max_restart=max_restart, max_relocate=max_relocate)
+                           max_restart=max_restart, max_relocate=max_relocate,
+                           graphics=graphics)
+
+    def graphics(self, file: Path, key: str, value: Any, holders: list[str]
+                 ) -> Graphics | None:
+        if self.choice(file, key, value, GRAPHICS) == "none":
+            return None
+        listen = []
+        for n in holders:
+            host = self.cluster.nodes[n].replication.host
+            if host in WILDCARD_HOSTS:
+                raise self.fail(file, key, f"node {n} replicates on {_show(host)}, every "
+                                "address, but VNC (no password) must listen on the node's "
+                                f"own address only; set node.{n}.replication to that "
+                                "address, or graphics = \"none\"")
+            listen.append((n, host))
+        return Graphics(value, tuple(listen))
 
     def prefer(self, file: Path, key: str, value: Any, disks: tuple[str, ...]
                ) -> tuple[str, ...]:

@@ -18,6 +18,12 @@ QEMU's NBD `reconnect-delay`. Libvirt learned `<reconnect delay='N'/>` for NBD d
 The controller defines the native form and falls back to passthrough when the defined XML
 comes back without the element (hvctl/virt.py), so newer libvirt gets the clean form.
 
+A guest with `graphics = "vnc"` gets a standard VGA card (Windows and Linux drive it without
+extra drivers; a kernel's VGA text console shows on it), a VNC server on the node's own
+address with a port libvirt picks (autoport, from 5900), no password (the web page proxies it
+behind one-time tickets, hvctl/web/vnc.py), and a USB tablet on an xHCI controller so the
+pointer follows the browser's without grabbing. Guests without graphics keep no USB at all.
+
 Identity: the domain's UUID and NIC MAC derive from the guest name (hvctl/config.py), and
 `<metadata>` records that hvctl manages it, on which node and for which resources.
 """
@@ -88,6 +94,8 @@ class DomainInfo:
     disk_uris: dict[str, str] = field(default_factory=dict)  # resource -> NBD URI (metadata)
     disks: list[dict] = field(default_factory=list)  # resource, host, port, target, cache, ...
     interfaces: list[dict] = field(default_factory=list)
+    graphics: list[dict] = field(default_factory=list)  # type, listen, port (-1: not yet)
+    video: str | None = None  # the video model, e.g. "vga"
 
 
 def build_xml(spec: DomainSpec) -> str:
@@ -145,9 +153,12 @@ def build_xml(spec: DomainSpec) -> str:
             ET.SubElement(iface, "source", network=n.source or "")
         ET.SubElement(iface, "model", type=n.model)
     ET.SubElement(devices, "memballoon", model="none")
-    # No USB controller: nothing of ours uses it, and probing it costs a TCG guest's boot
-    # ~0.3 s (a graphical console's tablet will want it back).
-    ET.SubElement(devices, "controller", type="usb", model="none")
+    if g.graphics is not None:
+        _graphics(devices, g.graphics.address(spec.node))
+    else:
+        # No USB controller: nothing of ours uses it, and probing it costs a TCG guest's
+        # boot ~0.3 s. A display's tablet wants it (_graphics).
+        ET.SubElement(devices, "controller", type="usb", model="none")
     if spec.disk_form == "passthrough":
         cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
         for i, d in enumerate(spec.disks):
@@ -155,6 +166,16 @@ def build_xml(spec: DomainSpec) -> str:
                 ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
+
+
+def _graphics(devices: ET.Element, address: str) -> None:
+    ET.SubElement(devices, "controller", type="usb", model="qemu-xhci")
+    ET.SubElement(devices, "input", type="tablet", bus="usb")
+    gfx = ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes",
+                        listen=address)
+    ET.SubElement(gfx, "listen", type="address", address=address)
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="vga", vram="16384", heads="1", primary="yes")
 
 
 def _native_disk(devices: ET.Element, d: NbdDisk, target: str, reconnect_delay_s: int) -> None:
@@ -263,6 +284,14 @@ def parse_xml(xml: str) -> DomainInfo:
             "source": (src.get("bridge") or src.get("network")) if src is not None else None,
             "model": model.get("type") if model is not None else None,
         })
+    for gfx in root.findall("devices/graphics"):
+        lis = gfx.find("listen[@type='address']")
+        info.graphics.append({
+            "type": gfx.get("type"),
+            "listen": lis.get("address") if lis is not None else gfx.get("listen"),
+            "port": int(gfx.get("port", -1)), "autoport": gfx.get("autoport") == "yes"})
+    model = root.find("devices/video/model")
+    info.video = model.get("type") if model is not None else None
     return info
 
 

@@ -151,6 +151,8 @@ def test_guest_directory(tmp_path: Path) -> None:
      "max_restart = 1"),
     ('[guest.g]\ndisks = ["r0"]\nmax_relocate = 1.5\n', "guest.g.max_relocate:",
      "max_relocate = 1"),
+    ('[guest.g]\ndisks = ["r0"]\ngraphics = "spice"\n',
+     "guest.g.graphics: 'spice' is not one of none, vnc", 'graphics = "none"'),
 ])
 def test_bad_config_names_key_and_fix(tmp_path: Path, extra: str, where: str, fix: str) -> None:
     # top-level scalars must come before the first table header
@@ -289,3 +291,66 @@ def test_defined_in_libvirt_and_read_back(cfg: HvConfig) -> None:
 
 def test_nbd_uri_for_ipv6() -> None:
     assert NbdDisk("r0", "::1", 10809).uri == "nbd://[::1]:10809/r0"
+
+
+# --- graphics -------------------------------------------------------------------------------
+
+SCREEN_GUEST = '[guest.win]\ndisks = ["r0"]\nmemory = "1G"\ngraphics = "vnc"\n'
+
+
+def test_graphics_listen_on_each_nodes_own_address(tmp_path: Path) -> None:
+    text = BASE.replace('replication = "127.0.0.1:7791"', 'replication = "10.0.0.2:7791"')
+    g = load(write(tmp_path, text + SCREEN_GUEST)).guest("win")
+    assert g.graphics is not None and g.graphics.type == "vnc"
+    assert g.graphics.address("alpha") == "127.0.0.1" and g.graphics.address("beta") == "10.0.0.2"
+    assert load(write(tmp_path, BASE + KERNEL_GUEST)).guest("tiny").graphics is None
+
+
+def test_graphics_refuse_a_wildcard_address(tmp_path: Path) -> None:
+    text = BASE.replace('replication = "127.0.0.1:7791"', 'replication = "0.0.0.0:7791"')
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text + SCREEN_GUEST))
+    assert ("guest.win.graphics: node beta replicates on '0.0.0.0', every address, but VNC "
+            "(no password) must listen on the node's own address only; set "
+            "node.beta.replication to that address" in str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("form", ["native", "passthrough"])
+def test_graphics_xml_round_trip(tmp_path: Path, form: str) -> None:
+    cfg = load(write(tmp_path, BASE + KERNEL_GUEST + SCREEN_GUEST))
+    xml = build_xml(spec(cfg.guest("win"), form))
+    info = parse_xml(xml)
+    assert info.graphics == [{"type": "vnc", "listen": "127.0.0.1", "port": -1,
+                              "autoport": True}]
+    assert info.video == "vga"
+    root = ET.fromstring(xml)
+    assert [c.get("model") for c in root.findall("devices/controller[@type='usb']")] == [
+        "qemu-xhci"]
+    assert root.find("devices/input[@type='tablet']").get("bus") == "usb"
+    assert root.find("devices/graphics").get("passwd") is None  # the web's tickets guard it
+    plain = parse_xml(build_xml(spec(cfg.guest("tiny"), form)))
+    assert plain.graphics == [] and plain.video is None
+    assert [c.get("model") for c in ET.fromstring(build_xml(spec(cfg.guest("tiny"), form)))
+            .findall("devices/controller[@type='usb']")] == ["none"]
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="libvirt-clients missing")
+def test_graphics_xml_is_valid_for_libvirt_and_kept(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, BASE + SCREEN_GUEST))
+    xml = build_xml(spec(cfg.guest("win"), "passthrough"))
+    path = tmp_path / "d.xml"
+    path.write_text(xml)
+    res = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(xml)
+        try:
+            info = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            assert info.graphics == [{"type": "vnc", "listen": "127.0.0.1", "port": -1,
+                                      "autoport": True}] and info.video == "vga"
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()

@@ -4,7 +4,9 @@
     .venv/bin/python tools/web_vendor.py     # fetch with `npm pack`, check, copy
 
 Each entry: the package, its version, the sha256 of the tarball `npm pack` downloads, and
-the files copied from it into hvctl/web/static/vendor/NAME-VERSION/.
+what is copied from it into hvctl/web/static/vendor/NAME-VERSION/: a file goes there by its
+name; a directory ("core/") keeps its path, so ES modules find each other by their relative
+imports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ LIBS = [
     # xterm.js: the guest's serial console in the page
     ("@xterm/xterm", "5.5.0", "bd954fa721872170188cc5d7e83e88db3c83c9a18a4e8d24c2783d26491f59d2",
      "xterm", ["lib/xterm.js", "css/xterm.css", "LICENSE"]),
+    # noVNC: the guest's screen (VNC) in the page. 1.7.0 ships its ES modules (core/, with
+    # pako under vendor/); 1.5 and 1.6 ship only a CommonJS build (lib/) a browser cannot
+    # import. LICENSE.txt names the license texts under docs/.
+    ("@novnc/novnc", "1.7.0", "32689f18d6abe96bc6530828a6bd0b9ae33bda07c083a6575ed255b5a8f2e903",
+     "novnc", ["core/", "vendor/pako/", "docs/", "LICENSE.txt", "AUTHORS"]),
 ]
 
 
@@ -38,11 +45,18 @@ def main() -> int:
                       file=sys.stderr)
                 return 1
             with tarfile.open(tgz) as t:
-                t.extractall(tmp, filter="data")
+                # the "data" filter (no links out, no devices) where this Python has it
+                # (3.11.4+); the tarball's sha256 is checked above either way
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                     else {}))
             dest = VENDOR / f"{name}-{version}"
             dest.mkdir(parents=True, exist_ok=True)
             for f in files:
-                shutil.copy(Path(tmp) / "package" / f, dest / Path(f).name)
+                src = Path(tmp) / "package" / f
+                if f.endswith("/"):
+                    shutil.copytree(src, dest / f, dirs_exist_ok=True)
+                else:
+                    shutil.copy(src, dest / src.name)
             print(f"{package}@{version} -> {dest.relative_to(REPO)}")
     return 0
 
