@@ -205,6 +205,19 @@ def test_log_in_move_and_watch_a_failover_live(ha_web):
             assert page.evaluate("window.notReloaded") is True  # never reloaded
             shot(page, "failover")
 
+            # The nodes page: beta lost, its etcd member silent, quorum kept by 2 of 3.
+            page.get_by_role("link", name="Nodes").click()
+            expect(node_row(page, "beta")).to_contain_text(re.compile("lost|fenced"))
+            expect(page.locator("#etcd-quorum")).to_contain_text(
+                "quorum: 2 of 3 etcd members up", timeout=UI_TIMEOUT_MS)
+            expect(page.locator('#etcd tr[data-member="beta"]')).to_contain_text("unreachable")
+            expect(page.locator('#etcd tr[data-member="witness"]')).to_contain_text("online")
+            expect(page.locator('#leases tr[data-lease="alpha"]')).to_contain_text("online")
+            shot(page, "nodes")
+            page.get_by_role("link", name="Guests").click()
+            expect(row(page, "vm1")).to_contain_text("running", timeout=UI_TIMEOUT_MS)
+            shot(page, "guests")
+
             # The tasks page: who did what, and the failover with how long it took.
             page.get_by_role("link", name="Tasks").click()
             expect(page.locator("#failovers tr").first).to_contain_text(

@@ -15,6 +15,8 @@ from hvctl.web.users import Users
 from tests.cluster import REPO, free_ports
 from tests.test_web_api import CONFIG, PASSWORD
 
+STOP_WAIT_S = 30.0  # well under aiohttp's 60 s shutdown timeout, which an open stream held
+
 
 def hvctl_web(cfg, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hvctl", "--config", str(cfg), "web",
@@ -76,3 +78,35 @@ def test_https_login_secure_cookie_and_bad_tls_options(tmp_path):
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.returncode == 0, proc.stdout.read()
+
+
+def test_sigterm_ends_open_streams_and_exits_0(tmp_path):
+    """An open page (its live stream) does not hold the server's stop for aiohttp's 60 s
+    shutdown timeout: the stream ends, the process exits 0."""
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(CONFIG.format(*free_ports(6)))
+    Users(tmp_path / "state" / "web-users.json").add("ann", "admin", PASSWORD)
+    port = free_ports(1)[0]
+    proc = hvctl_web(cfg, "--listen", f"127.0.0.1:{port}")
+    try:
+        assert proc.stdout.readline().startswith("serving http://")
+
+        async def go() -> float:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+                base = f"http://127.0.0.1:{port}"
+                await s.post(base + "/login", data={"user": "ann", "password": PASSWORD})
+                r = await s.get(base + "/api/v1/events")
+                while not (await r.content.readline()).startswith(b"data: "):
+                    pass
+                proc.terminate()
+                t0 = time.monotonic()
+                while await r.content.readline():  # until the server ends the stream
+                    pass
+                return time.monotonic() - t0
+        ended_after = asyncio.run(go())
+        proc.wait(STOP_WAIT_S)
+        assert proc.returncode == 0 and ended_after < STOP_WAIT_S
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -38,7 +38,7 @@ import jinja2
 from aiohttp import web
 
 from hvctl.config import HvConfig
-from hvctl.web import auth, vnc
+from hvctl.web import auth, streams, vnc
 from hvctl.web.actions import ACTIONS, ApiError, Backend, translate
 from hvctl.web.charts import Charts
 from hvctl.web.openapi import OPENAPI
@@ -50,7 +50,7 @@ log = logging.getLogger("hvctl.web")
 HERE = Path(__file__).resolve().parent
 TASKS_MAX = 1000
 EVENTS_INTERVAL_S = 1.0  # the overview is sampled this often for the live page
-EVENTS_KEEPALIVE_S = 15.0  # a comment line on an idle stream, so proxies keep it open
+EVENTS_KEEPALIVE_S = 5.0  # a comment line on an idle stream: a closed page is noticed
 CHARTS_INTERVAL_S = 2.0  # each node's counters are read this often for the charts
 OVERVIEW_TASKS = 50  # the newest tasks in the overview (all of them: /api/v1/tasks)
 CONSOLE_WAIT_S = 120.0  # ?wait=1: how long a console waits for its guest to start
@@ -320,27 +320,36 @@ async def api_maintenance(request: web.Request) -> web.Response:
 
 
 async def api_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: the overview whenever it changes (one sampler for every page)."""
+    """Server-sent events: the overview whenever it changes (one sampler for every page), a
+    comment line when nothing was written for a while (so a closed page is noticed and a
+    proxy keeps the stream open); it ends when the server stops."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    last = None
+    last, wrote = None, time.monotonic()
     sampler = request.app[SAMPLER]
     q = sampler.subscribe()
+    stop = streams.stopping(request)
+    halt = asyncio.ensure_future(stop.wait())
     try:
         with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-            while True:
-                try:
-                    o = await asyncio.wait_for(q.get(), EVENTS_KEEPALIVE_S)
-                except TimeoutError:
+            while not stop.is_set():
+                get = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({get, halt}, timeout=EVENTS_KEEPALIVE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    o = {k: v for k, v in get.result().items() if k != "time"}
+                    text = json.dumps(o, sort_keys=True)
+                    if text != last:
+                        await resp.write(f"event: overview\ndata: {text}\n\n".encode())
+                        last, wrote = text, time.monotonic()
+                else:
+                    get.cancel()
+                if time.monotonic() - wrote >= EVENTS_KEEPALIVE_S:
                     await resp.write(b": keepalive\n\n")
-                    continue
-                o = {k: v for k, v in o.items() if k != "time"}
-                text = json.dumps(o, sort_keys=True)
-                if text != last:
-                    await resp.write(f"event: overview\ndata: {text}\n\n".encode())
-                    last = text
+                    wrote = time.monotonic()
     finally:
+        halt.cancel()
         sampler.unsubscribe(q)
     return resp
 
@@ -374,11 +383,12 @@ async def api_console(request: web.Request) -> web.StreamResponse:
 
     task = asyncio.get_running_loop().create_task(pump())
     try:
-        async for msg in ws:
-            if msg.type == web.WSMsgType.TEXT:
-                console.send(msg.data.encode())
-            elif msg.type == web.WSMsgType.BINARY:
-                console.send(msg.data)
+        with streams.tracked(request, ws):
+            async for msg in ws:
+                if msg.type == web.WSMsgType.TEXT:
+                    console.send(msg.data.encode())
+                elif msg.type == web.WSMsgType.BINARY:
+                    console.send(msg.data)
     finally:
         console.close()
         task.cancel()
@@ -406,6 +416,7 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
     app[TASK_IDS] = itertools.count(1)
     app[SECURE] = secure
     app[CHARTS] = Charts()
+    streams.setup(app)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                          autoescape=jinja2.select_autoescape(["html"]))
 

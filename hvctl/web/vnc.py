@@ -38,6 +38,7 @@ from aiohttp import web
 
 from hvctl.config import WILDCARD_HOSTS
 from hvctl.domain import parse_xml
+from hvctl.web import streams
 from hvctl.web.actions import ApiError, Backend, translate
 from hvctl.web.users import User
 
@@ -205,13 +206,14 @@ async def api_vnc_socket(request: web.Request) -> web.StreamResponse:
 
     task = asyncio.get_running_loop().create_task(from_guest())
     try:
-        async for msg in ws:
-            if msg.type == web.WSMsgType.BINARY:
-                writer.write(msg.data)
-                await writer.drain()
-            elif msg.type == web.WSMsgType.TEXT:
-                writer.write(msg.data.encode())
-                await writer.drain()
+        with streams.tracked(request, ws):
+            async for msg in ws:
+                if msg.type == web.WSMsgType.BINARY:
+                    writer.write(msg.data)
+                    await writer.drain()
+                elif msg.type == web.WSMsgType.TEXT:
+                    writer.write(msg.data.encode())
+                    await writer.drain()
     except ConnectionError as e:
         log.info("%s: screen of %s: VNC connection lost: %s", user, name, e)
     finally:
