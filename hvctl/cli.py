@@ -1,15 +1,22 @@
 """The `hvctl` command line: guests and nodes of an rblock cluster, through libvirt.
 
-    hvctl --config FILE guest list|status|define|undefine|start|stop|destroy|console|move ...
-    hvctl --config FILE node list|status|probe ...
-    hvctl --config FILE events
-    hvctl --config FILE agent --node NAME
-    hvctl --config FILE ha status|log|what-if ...
-    hvctl --config FILE node maintenance NODE on|off
-    hvctl --config FILE web [--listen HOST:PORT] | web adduser NAME | web token NAME
+    hvctl [--config FILE] guest list|status|define|undefine|start|stop|destroy|console|move ...
+    hvctl [--config FILE] node list|status|probe ...
+    hvctl [--config FILE] events
+    hvctl [--config FILE] agent [--node NAME]
+    hvctl [--config FILE] ha status|log|what-if ...
+    hvctl [--config FILE] node maintenance NODE on|off
+    hvctl [--config FILE] web [--listen HOST:PORT] | web adduser NAME | web token NAME
+    hvctl --version
 
-Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
-usage or a bad config file. With --json the result (or {"error": ...}) is JSON on stdout.
+--config goes before or after the subcommand; without it the file is $HVCTL_CONFIG, else
+$RBLOCK_CONFIG, else /etc/rblock/cluster.toml. A command that takes a node (`agent --node`,
+`node status [NODE]`) defaults to this host's name when the cluster file has a node of that
+name.
+
+Exit status: 0 done, 1 refused or failed (the message says why and what to do; also a
+command that found nothing to do: it says so), 2 bad usage or a bad config file. With --json
+the result (or {"ok": false, "error": ...}) is JSON on stdout.
 """
 
 from __future__ import annotations
@@ -20,65 +27,89 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-CONFIG_ENV = "HVCTL_CONFIG"
+from rblock import __version__
+
+CONFIG_ENV = "HVCTL_CONFIG"  # hvctl's own, read first (older checkouts set it)
+try:  # the cluster file both tools read, and its variable: rblock/config.py owns them
+    from rblock.config import CONFIG_ENV as CLUSTER_CONFIG_ENV  # type: ignore[attr-defined]
+    from rblock.config import DEFAULT_CONFIG_PATH  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover -- until rblock/config.py has them
+    CLUSTER_CONFIG_ENV = "RBLOCK_CONFIG"
+    DEFAULT_CONFIG_PATH = "/etc/rblock/cluster.toml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hvctl", description="Run KVM guests on rblock disks "
-                                 "through libvirt, on any node of the cluster.")
-    ap.add_argument("--config", default=os.environ.get(CONFIG_ENV), metavar="FILE",
-                    help=f"the cluster's TOML file (default: ${CONFIG_ENV})")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log what is done")
-    top = ap.add_subparsers(dest="group", required=True)
+    ap = argparse.ArgumentParser(
+        prog="hvctl", description="Run KVM guests on rblock disks through libvirt, on any "
+        "node of the cluster, and keep HA guests running (agent) and on a web page (web).",
+        epilog="Exit status: 0 done, 1 refused or failed (or nothing to do), 2 bad usage or "
+        "config.")
+    ap.add_argument("--version", action="version", version=f"hvctl {__version__}",
+                    help="print the version and exit")
+    _common(ap, top=True)
+    top = ap.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
-    guest = top.add_parser("guest", help="guests: list, status, start, stop, move, ...")
-    gs = guest.add_subparsers(dest="command", required=True)
+    guest = _sub(top, "guest", "guests: list, status, define, start, stop, move, console")
+    gs = guest.add_subparsers(dest="command", required=True, metavar="ACTION")
 
     def cmd(name: str, text: str, needs_name: bool = True) -> argparse.ArgumentParser:
-        p = gs.add_parser(name, help=text, description=text)
+        p = _sub(gs, name, text)
         if needs_name:
-            p.add_argument("name", metavar="GUEST")
-        p.add_argument("--json", action="store_true", help="print JSON")
+            p.add_argument("name", metavar="GUEST", help="the guest ([guest.NAME] in the "
+                           "cluster file)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
         return p
 
-    cmd("list", "every guest with its state and node", needs_name=False)
+    cmd("list", "every guest with its state, node and disks", needs_name=False)
     cmd("status", "one guest: state, node, domain type, disks and their roles")
     p = cmd("define", "define the guest's domain on a node without starting it")
-    p.add_argument("--on", metavar="NODE")
+    p.add_argument("--on", metavar="NODE", help="default: where it is defined, its `node` "
+                   "setting, or the first node holding all its disks")
     cmd("undefine", "remove the guest's domain from every node (not its disks)")
     p = cmd("start", "make its resources Primary on a node and start it there")
     p.add_argument("--on", metavar="NODE", help="default: where it is defined, its `node` "
                    "setting, or the first node holding all its disks")
     p.add_argument("--force", action="store_true",
-                   help="start even if some node cannot be asked whether it runs there")
+                   help="start even if some node's libvirt cannot be asked whether the guest "
+                   "runs there: you are sure it does not")
     p = cmd("stop", "ACPI shutdown, destroy after a timeout, resources Secondary")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for power-off "
                    "(default: stop_timeout_s)")
-    cmd("destroy", "power it off at once (like pulling the plug), resources Secondary")
+    _stop_force(p)
+    p = cmd("destroy", "power it off at once (like pulling the plug), resources Secondary")
+    _stop_force(p)
     p = cmd("move", "stop it, hand its resources over, start it on NODE (cold move)")
-    p.add_argument("node", metavar="NODE")
-    p.add_argument("--timeout", type=float, metavar="S")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("node", metavar="NODE", help="the node to run it on")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for power-off "
+                   "where it runs (default: stop_timeout_s)")
+    p.add_argument("--force", action="store_true",
+                   help="move even if some node's libvirt cannot be asked whether the guest "
+                   "runs there: you are sure it does not")
     p = cmd("console", "attach to its serial console (virsh console), or print the log")
     p.add_argument("--log", action="store_true", help="print the console log and exit")
 
-    node = top.add_parser("node", help="nodes: list, status, probe")
-    ns = node.add_subparsers(dest="command", required=True)
-    p = ns.add_parser("list", help="every node: libvirt, domain type, rblock roles")
-    p.add_argument("--json", action="store_true")
-    p = ns.add_parser("status", help="one node in detail")
-    p.add_argument("name", metavar="NODE")
-    p.add_argument("--json", action="store_true")
-    p = ns.add_parser("probe", help="probe (again) which domain type a node can run")
-    p.add_argument("name", metavar="NODE", nargs="?")
-    p.add_argument("--json", action="store_true")
+    node = _sub(top, "node", "nodes: list, status, probe, maintenance")
+    ns = node.add_subparsers(dest="command", required=True, metavar="ACTION")
+    p = _sub(ns, "list", "every node: libvirt, domain type, guests, rblock roles, and why a "
+             "node cannot be reached")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = _sub(ns, "status", "one node in detail: libvirt, domain type, domains, rblock")
+    p.add_argument("name", metavar="NODE", nargs="?",
+                   help="default: this host, if the cluster file has a node of its name")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = _sub(ns, "probe", "probe (again) which domain type (kvm or qemu) a node can run")
+    p.add_argument("name", metavar="NODE", nargs="?", help="default: every node with libvirt")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = top.add_parser("events", help="stream guest lifecycle events from every node")
-    p.add_argument("--json", action="store_true")
+    p = _sub(top, "events", "stream guest lifecycle events from every node (until Ctrl-C)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     from hvctl.ha.cli import add_parsers
     from hvctl.web.cli import add_parsers as add_web_parsers
 
@@ -88,22 +119,117 @@ def build_parser() -> argparse.ArgumentParser:
         gs.choices[name].add_argument("--no-wait", action="store_true",
                                       help="HA guests: return once the agents have the "
                                       "request")
+    _everywhere(ap)
     return ap
+
+
+def _sub(sub: Any, name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose one-line help is also its description."""
+    return sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
+                          **kw)
+
+
+def _stop_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="when some node's libvirt cannot be asked and the guest runs on no "
+                   "node that can: you are sure it is down there. Its resources are then "
+                   "made Secondary wherever rblock answers and no NBD client (a QEMU) holds "
+                   "them; nothing runs elsewhere")
+
+
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--config and -v, on the top parser and (again) on every subcommand: they go before or
+    after it. Below the top their default is SUPPRESS, so an absent one keeps the top's."""
+    default: Any = None if top else argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE", default=default,
+                   help=f"the cluster's TOML file (default: ${CONFIG_ENV}, else "
+                   f"${CLUSTER_CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   default=False if top else argparse.SUPPRESS, help="log what is done")
+
+
+def _everywhere(p: argparse.ArgumentParser) -> None:
+    """--config and -v on every subcommand; a subcommand without a description gets its
+    one-line help as one (`hvctl X -h` says what X does)."""
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in a._choices_actions}
+            for name, sub in a.choices.items():
+                if not sub.description and helps.get(name):
+                    text = helps[name]
+                    sub.description = text[:1].upper() + text[1:] + "."
+                _common(sub)
+                _everywhere(sub)
+
+
+def config_path(given: str | None) -> tuple[str, str]:
+    """The cluster file to read, and where that choice came from (for the message)."""
+    if given:
+        return given, "--config"
+    for env in (CONFIG_ENV, CLUSTER_CONFIG_ENV):
+        if os.environ.get(env):
+            return os.environ[env], f"${env}"
+    return DEFAULT_CONFIG_PATH, "the default"
+
+
+def this_node(cfg: Any) -> str | None:
+    """This host's node name: its host name, or the part before the first dot, if the
+    cluster file has a node of that name."""
+    host = socket.gethostname()
+    for name in (host, host.split(".", 1)[0]):
+        if name in cfg.cluster.nodes:
+            return name
+    return None
+
+
+def _default_node(cfg: Any, args: argparse.Namespace, attr: str, flag: str) -> str | None:
+    """Fill args.ATTR with this host's node name if not given; the usage error if none."""
+    if getattr(args, attr, None):
+        return None
+    name = this_node(cfg)
+    if name is None:
+        return (f"no {flag} given, and this host's name '{socket.gethostname()}' is not a "
+                f"node in {cfg.path} (nodes: {', '.join(cfg.cluster.nodes) or 'none'}); "
+                f"pass {flag} NAME")
+    setattr(args, attr, name)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         stream=sys.stderr, format="hvctl: %(message)s")
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("hvctl: interrupted; what was done so far stays done ('hvctl guest list' "
+              "shows it)", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:  # `hvctl ... | head`: the reader is gone, say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
     from hvctl.config import load
     from rblock.config import ConfigError
 
-    if not args.config:
-        return _fail(args, f"no cluster file; pass --config FILE or set ${CONFIG_ENV}", 2)
+    path, source = config_path(args.config)
+    if source != "--config" and not Path(path).expanduser().exists():
+        return _fail(args, f"no cluster file: {path} ({source}) does not exist; pass "
+                     f"--config FILE or set ${CLUSTER_CONFIG_ENV}", EXIT_USAGE)
     try:
-        cfg = load(args.config)
+        cfg = load(path)
     except ConfigError as e:
-        return _fail(args, str(e), 2)
+        return _fail(args, str(e), EXIT_USAGE)
+    command = getattr(args, "command", None)
+    if args.group == "agent" or (args.group, command) == ("node", "status"):
+        agent = args.group == "agent"
+        why = _default_node(cfg, args, "node" if agent else "name", "--node" if agent else
+                            "NODE")
+        if why is not None:
+            return _fail(args, ("agent" if agent else "node status") + f": {why}", EXIT_USAGE)
     if args.group == "guest" and args.command == "console":
         return _console(cfg, args)
     if args.group == "agent":
@@ -135,17 +261,17 @@ async def _run(cfg: Any, args: argparse.Namespace) -> int:
             if done is not None:
                 return done
     except HaError as e:
-        return _fail(args, str(e), 1)
+        return _fail(args, str(e), EXIT_FAILED)
     except ConfigError as e:
-        return _fail(args, str(e), 2)
+        return _fail(args, str(e), EXIT_USAGE)
     ctl = Controller(cfg)
     try:
         handler = _HANDLERS[(args.group, args.command if args.group != "events" else "")]
         return await handler(ctl, args)
     except (HvError, VirtError, ControlError) as e:
-        return _fail(args, str(e), 1)
+        return _fail(args, str(e), EXIT_FAILED)
     except ConfigError as e:
-        return _fail(args, str(e), 2)
+        return _fail(args, str(e), EXIT_USAGE)
     finally:
         ctl.close()
 
@@ -162,7 +288,7 @@ def _done(args: argparse.Namespace, message: str) -> int:
         print(json.dumps({"ok": True, "message": message}))
     else:
         print(message)
-    return 0
+    return EXIT_OK
 
 
 # --- guest ------------------------------------------------------------------------------------
@@ -171,31 +297,40 @@ async def _guest_list(ctl: Any, args: argparse.Namespace) -> int:
     guests = await ctl.guest_list()
     if args.json:
         print(json.dumps(guests, indent=2))
-        return 0
+        return EXIT_OK
+    if not guests:
+        print(f"no guests in {ctl.cfg.path}; describe one in a [guest.NAME] table")
+        return EXIT_OK
     rows = [["GUEST", "STATE", "NODE", "TYPE", "DISKS"]]
     for g in guests:
         rows.append([g["name"], g["state"], g["node"] or "-", g["domain_type"] or "-",
                      ", ".join(f"{d['resource']}({d['role'] or '?'})" for d in g["disks"])])
     print(_table(rows))
-    return 0
+    notes = {n: why for g in guests for n, why in g["unreachable"].items()}
+    for n, why in notes.items():
+        print(f"node {n}: libvirt not reachable, its guests' states are unknown: {why}")
+    return EXIT_OK
 
 
 async def _guest_status(ctl: Any, args: argparse.Namespace) -> int:
     st = await ctl.guest_status(args.name)
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0
+        return EXIT_OK
     print(f"{st['name']}: {st['state']}" + (f" on {st['node']}" if st["node"] else "")
           + (f" ({st['domain_type']})" if st["domain_type"] else ""))
     print(f"  memory {st['memory_bytes'] >> 20} MiB, {st['vcpus']} vCPU(s); defined on: "
           f"{', '.join(st['defined_on']) or 'no node'}; console log {st['console_log']}")
     for d in st["disks"]:
-        print(f"  disk {d['resource']}: {d['role'] or '?'}/{d['disk'] or '?'}"
+        role = f"{d['role']}/{d['disk']}" if d["role"] else "role unknown"
+        print(f"  disk {d['resource']}: {role}"
               + (f" {d['nbd']}" if d["nbd"] else "")
-              + (f"; Primary on {', '.join(d['primary_on'])}" if d["primary_on"] else ""))
+              + (f"; Primary on {', '.join(d['primary_on'])}" if d["primary_on"] else "")
+              + (f"; rblock not reachable on {', '.join(d['unreachable'])}"
+                 if d["unreachable"] else ""))
     for n, why in st["unreachable"].items():
         print(f"  node {n} not reachable: {why}")
-    return 0
+    return EXIT_OK
 
 
 async def _guest_action(ctl: Any, args: argparse.Namespace) -> int:
@@ -203,9 +338,9 @@ async def _guest_action(ctl: Any, args: argparse.Namespace) -> int:
     if c == "start":
         msg = await ctl.start(args.name, args.on, force=args.force)
     elif c == "stop":
-        msg = await ctl.stop(args.name, args.timeout)
+        msg = await ctl.stop(args.name, args.timeout, force=args.force)
     elif c == "destroy":
-        msg = await ctl.destroy(args.name)
+        msg = await ctl.destroy(args.name, force=args.force)
     elif c == "move":
         msg = await ctl.move(args.name, args.node, args.timeout, force=args.force)
     elif c == "define":
@@ -224,7 +359,7 @@ def _console(cfg: Any, args: argparse.Namespace) -> int:
     try:
         g = cfg.guest(args.name)
     except ConfigError as e:
-        return _fail(args, str(e), 2)
+        return _fail(args, str(e), EXIT_USAGE)
     if args.log or not sys.stdin.isatty():
         try:
             text = g.console_log.read_text(errors="replace")
@@ -269,8 +404,9 @@ async def _node_list(ctl: Any, args: argparse.Namespace) -> int:
     nodes = await ctl.node_list()
     if args.json:
         print(json.dumps(nodes, indent=2))
-        return 0
+        return EXIT_OK
     rows = [["NODE", "LIBVIRT", "TYPE", "GUESTS", "RBLOCK"]]
+    notes = []
     for n in nodes:
         lv = ("-" if n["libvirt"] is None else
               f"{n.get('libvirt_version')} up" if n["reachable"] else "unreachable")
@@ -278,22 +414,58 @@ async def _node_list(ctl: Any, args: argparse.Namespace) -> int:
         rb = ("unreachable" if n["rblock"] is None else
               ", ".join(f"{r}:{v['role']}/{v['disk']}" for r, v in n["rblock"].items()) or "-")
         rows.append([n["name"], lv, n.get("domain_type") or "-", guests, rb])
+        if n["libvirt"] is not None and not n["reachable"]:
+            notes.append(f"{n['name']}: libvirt unreachable: {n.get('error', 'no answer')}")
+        if n["rblock"] is None:
+            notes.append(f"{n['name']}: rblock unreachable: {n.get('rblock_error', 'no answer')}")
     print(_table(rows))
-    return 0
+    for line in notes:
+        print(line)
+    return EXIT_OK
 
 
 async def _node_status(ctl: Any, args: argparse.Namespace) -> int:
     st = await ctl.node_status(args.name, probe=args.command == "probe")
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0
-    for k, v in st.items():
-        print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    return 0
+        return EXIT_OK
+    print(node_text(st))
+    return EXIT_OK
+
+
+def node_text(st: dict) -> str:
+    """`hvctl node status` in words: one line per part, the reason beside what is down."""
+    lines = [f"node {st['name']}"]
+    if st["libvirt"] is None:
+        lines.append("  libvirt: none configured (hvctl runs no guests here; add libvirt = "
+                     "\"qemu:///system\" to its [node] table)")
+    elif not st["reachable"]:
+        lines.append(f"  libvirt: {st['libvirt']}: unreachable: {st.get('error', 'no answer')}")
+    else:
+        lines.append(f"  libvirt: {st['libvirt']}: libvirt {st['libvirt_version']}, "
+                     f"hypervisor {st['hypervisor_version']}, host {st['hostname']}")
+        dtype = st.get("domain_type")
+        lines.append(f"  domain type: {dtype or 'unknown'} ({st['domain_type_reason']})")
+        guests = ", ".join(f"{g} {s}" for g, s in st["guests"].items())
+        lines.append(f"  guests: {guests or 'none defined here'}")
+        others = [d for d in st["domains"] if d not in st["guests"]]
+        if others:
+            lines.append(f"  other domains (not hvctl's): {', '.join(others)}")
+    where = f"control {st['control']}, nbd {st['nbd']}"
+    if st["rblock"] is None:
+        lines.append(f"  rblock ({where}): unreachable: {st.get('rblock_error', 'no answer')}")
+    else:
+        res = ", ".join(f"{r} {v['role']}/{v['disk']}" for r, v in st["rblock"].items())
+        lines.append(f"  rblock ({where}): {res or 'no resources'}")
+    return "\n".join(lines)
 
 
 async def _node_probe(ctl: Any, args: argparse.Namespace) -> int:
     names = [args.name] if args.name else ctl.cfg.hv_nodes()
+    if not names:
+        return _fail(args, f"no node in {ctl.cfg.path} has a libvirt URI, so there is nothing "
+                     "to probe; add libvirt = \"qemu:///system\" to a [node.NAME] table",
+                     EXIT_USAGE)
     out = []
     for n in names:
         res = await ctl.probe(n)
@@ -303,7 +475,7 @@ async def _node_probe(ctl: Any, args: argparse.Namespace) -> int:
     else:
         for o in out:
             print(f"{o['node']}: {o['domain_type']} ({o['reason']})")
-    return 0
+    return EXIT_OK
 
 
 async def _events(ctl: Any, args: argparse.Namespace) -> int:
@@ -313,10 +485,11 @@ async def _events(ctl: Any, args: argparse.Namespace) -> int:
                 print(json.dumps(ev.to_json()), flush=True)
             else:
                 d = ev.to_json()
-                print(f"{d['node']} {d['guest']} {d['event']} ({d['detail']})", flush=True)
+                detail = "" if d["detail"].isdigit() else f" ({d['detail']})"  # a bare code
+                print(f"{d['node']} {d['guest']} {d['event']}{detail}", flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
-    return 0
+        pass  # Ctrl-C is how a stream ends
+    return EXIT_OK
 
 
 _HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], Awaitable[int]]] = {

@@ -17,7 +17,12 @@ A guest runs on exactly one node, the one where all its resources are Primary:
                    Any failure undoes what this start did: the domain is undefined again,
                    resources it promoted go back to Secondary. No half-defined guests.
     stop G:        ACPI power button, wait for the Stopped event up to stop_timeout_s, then
-                   destroy -> resources Secondary on that node.
+                   destroy -> resources Secondary on that node. Not running anywhere: its
+                   resources Secondary wherever still Primary (nothing to do: NothingDone).
+                   A node whose libvirt cannot be asked refuses that, unless --force (the
+                   user is sure the guest is down there, like Pacemaker's cleanup of a
+                   resource on a lost node); even then a resource Primary on such a node is
+                   left alone, and nothing changes, while an NBD client (a QEMU) holds it.
     move G to N:   stop G where it runs -> start G on N; if that fails, start it back where it
                    was. (A cold move; live migration is a later step.)
 
@@ -52,6 +57,11 @@ WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 class HvError(Exception):
     """A refused or failed command; the message says why and what to do."""
+
+
+class NothingDone(HvError):
+    """The command found nothing to do (a guest that is not running, not defined): it says so
+    and exits 1, never 0 as if it had acted."""
 
 
 @dataclass
@@ -180,8 +190,10 @@ class Controller:
         if p.unreachable and not force:
             nodes = ", ".join(p.unreachable)
             why = "; ".join(p.unreachable.values())
+            they = "it" if len(p.unreachable) == 1 else "they"
             raise HvError(f"cannot {what}: cannot ask {nodes} whether {p.guest} runs there "
-                          f"({why}); bring it back, or pass --force if you are sure it is down")
+                          f"({why}); bring {they} back, or pass --force if you are sure "
+                          f"{p.guest} is not running on {nodes}")
 
     async def start_here(self, g: GuestConfig, node: str) -> None:
         """The HA agent's start on its own node: promote there only (the planner made sure
@@ -292,19 +304,38 @@ class Controller:
 
     # --- stop, destroy --------------------------------------------------------------------------
 
-    async def stop(self, name: str, timeout_s: float | None = None, hard: bool = False) -> str:
+    async def stop(self, name: str, timeout_s: float | None = None, hard: bool = False,
+                   force: bool = False) -> str:
+        """Stop NAME where it runs. Where it runs on no node that answers: its disks Secondary
+        wherever they are still Primary. If some node's libvirt cannot be asked, that needs
+        FORCE (the user is sure it is down there), and even then a disk is left alone on such
+        a node while an NBD client (a QEMU) holds it there."""
         g = self.cfg.guest(name)
         p = self.locate(g)
+        verb = "destroy" if hard else "stop"
         if len(p.active) > 1:
             raise HvError(f"guest {name} is active on {', '.join(p.active)} at once; destroy it "
                           f"on all but one node with virsh and check its disks")
-        if not p.active:
-            self._refuse_unsure(p, False, f"stop {name}")
-            note = await self._release_where_primary(g)
-            return f"{name} is not running" + (f"; {note}" if note else "")
-        node = p.active[0]
-        how = await self._power_off(g, node, timeout_s, hard)
-        return f"{name} {how} on {node}; {', '.join(g.disks)} Secondary"
+        if p.active:
+            node = p.active[0]
+            how = await self._power_off(g, node, timeout_s, hard)
+            return f"{name} {how} on {node}; {', '.join(g.disks)} Secondary"
+        if p.unreachable and not force:
+            nodes = ", ".join(p.unreachable)
+            why = "; ".join(p.unreachable.values())
+            raise HvError(f"cannot {verb} {name}: it runs on no node that answers, and "
+                          f"{nodes} cannot be asked ({why}); bring {nodes} back, or pass "
+                          f"--force if you are sure {name} is not running there (its disks "
+                          f"are then made Secondary wherever no QEMU holds them)")
+        done, notes = await self._release_where_primary(g, set(p.unreachable))
+        where = (f"; it is defined, stopped, on {', '.join(p.defined)}" if p.defined else
+                 "; it is not defined on any node")
+        if p.unreachable:
+            where += f" (not asked: {', '.join(p.unreachable)}, which you said is down)"
+        tail = "".join(f"; {n}" for n in notes)
+        if not done:
+            raise NothingDone(f"{name} is not running{where}; nothing to {verb}{tail}")
+        return f"{name} is not running{where}; {', '.join(done)}{tail}"
 
     async def _power_off(self, g: GuestConfig, node: str, timeout_s: float | None,
                          hard: bool, kill: bool = False) -> str:
@@ -331,16 +362,46 @@ class Controller:
             raise HvError(f"{g.name} stopped on {node}, but " + "; ".join(failed))
         return how
 
-    async def _release_where_primary(self, g: GuestConfig) -> str:
+    async def _release_where_primary(self, g: GuestConfig,
+                                     unsure: set[str] = frozenset()) -> tuple[list[str],
+                                                                                list[str]]:
         """A guest that is not running holds no resource Primary (it may have powered off by
-        itself): hand them back."""
-        done = []
+        itself): hand them back. On an UNSURE node (its libvirt could not say whether the
+        guest runs there) a resource with NBD clients is left Primary, and that refuses the
+        whole call before anything changes: a QEMU may still be writing through it.
+        Returns (what was done, notes on what could not be asked)."""
+        todo: list[tuple[str, str]] = []
+        notes: list[str] = []
         for r in g.disks:
             for node, st in (await self.roles(r)).items():
-                if st.get("role") == "Primary":
-                    await self._demote(node, r)
-                    done.append(f"{r} made Secondary on {node}")
-        return ", ".join(done)
+                if not st:
+                    notes.append(f"rblock on {node} does not answer: {r} there is untouched")
+                elif st.get("role") == "Primary":
+                    todo.append((node, r))
+        for node, r in todo:
+            if node in unsure and (clients := await self._nbd_clients(node, r)):
+                raise HvError(f"not forgetting {g.name} on {node}: {r} is Primary there with "
+                              f"{clients} NBD client(s) attached, so {g.name} may still run on "
+                              f"{node}; stop it there, or bring {node}'s libvirtd back and "
+                              f"run 'hvctl guest stop {g.name}' again; nothing was changed")
+        done = []
+        for node, r in todo:
+            await self._demote(node, r)
+            done.append(f"{r} made Secondary on {node}")
+        return done, notes
+
+    async def _nbd_clients(self, node: str, resource: str) -> int:
+        """NBD connections open to RESOURCE's export on NODE (its /metrics); an error counts
+        as one, so an unsure answer never reads as 'no client'."""
+        from rblock.control_client import summarize_metrics
+
+        try:
+            text = await self.control(node).metrics()
+        except ControlError as e:
+            log.warning("%s: cannot count NBD clients of %s: %s", node, resource, e)
+            return 1
+        figures = summarize_metrics(text)["resources"].get(resource, {})
+        return int(figures.get("nbd_clients", 1))
 
     # --- move ---------------------------------------------------------------------------------
 
@@ -396,16 +457,17 @@ class Controller:
         p = self.locate(g)
         if p.active:
             raise HvError(f"guest {name} runs on {', '.join(p.active)}; stop it first")
+        note = f" ({', '.join(p.unreachable)} not reachable)" if p.unreachable else ""
+        if not p.defined:
+            raise NothingDone(f"{name} is not defined on any node{note}; nothing to undefine")
         for node in p.defined:
             dom = self.virts[node].lookup(name)
             if dom is not None:
                 self.virts[node].undefine(dom)
-        where = ", ".join(p.defined) or "no node"
-        note = f" ({', '.join(p.unreachable)} not reachable)" if p.unreachable else ""
-        return f"{name} undefined on {where}{note}"
+        return f"{name} undefined on {', '.join(p.defined)}{note}"
 
-    async def destroy(self, name: str) -> str:
-        return await self.stop(name, hard=True)
+    async def destroy(self, name: str, force: bool = False) -> str:
+        return await self.stop(name, hard=True, force=force)
 
     # --- status ---------------------------------------------------------------------------------
 

@@ -70,10 +70,10 @@ def test_agent_with_etcd_unreachable_says_so(tmp_path):
 
 def test_agent_unknown_node_and_no_etcd(tmp_path):
     cfg = config(tmp_path)
-    line = one_line(hvctl(cfg, "agent", "--node", "gamma"), 1)
+    line = one_line(hvctl(cfg, "agent", "--node", "gamma"), 2)  # usage: exit 2
     assert "node 'gamma' is not in" in line and "nodes: alpha, beta" in line
     cfg = config(tmp_path, etcd=False)
-    line = one_line(hvctl(cfg, "agent", "--node", "alpha"), 1)
+    line = one_line(hvctl(cfg, "agent", "--node", "alpha"), 2)  # config: exit 2
     assert "no [cluster] etcd: HA needs the etcd cluster" in line, line
 
 

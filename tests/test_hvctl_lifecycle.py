@@ -164,7 +164,8 @@ def test_unreachable_libvirt(setup, loop: LoopRunner, tmp_path: Path) -> None:
     ctl = Controller(load(broken))
     try:
         with pytest.raises(HvError, match=r"cannot start vm1: cannot ask beta whether vm1 runs "
-                                          r"there .*pass --force if you are sure it is down"):
+                                          r"there .*pass --force if you are sure vm1 is not "
+                                          r"running on beta"):
             loop.run(ctl.start("vm1", on="alpha"))
         assert role(c, "alpha") == "Secondary"
         with pytest.raises(HvError, match=r"cannot start vm1 on beta: .*node beta: cannot "

@@ -20,26 +20,44 @@ FOLLOW_POLL_S = 0.5
 
 def add_parsers(top: Any, node_sub: Any) -> None:
     p = top.add_parser("agent", help="run the HA agent of this host (foreground)",
-                       description="Keep this host's HA guests as the cluster's leader "
-                       "assigns them; self-fence when the lease cannot be renewed. SIGTERM "
-                       "stops it cleanly and leaves the guests running (frozen).")
-    p.add_argument("--node", required=True, metavar="NAME", help="this host's node name")
-    ha = top.add_parser("ha", help="HA: status, decision log, what-if")
-    hs = ha.add_subparsers(dest="command", required=True)
-    p = hs.add_parser("status", help="the leader, every node and every HA guest, with why")
-    p.add_argument("--json", action="store_true")
-    p = hs.add_parser("log", help="the leader's decisions, one line each with its reason")
+                       description="Run the HA agent of this host (foreground): keep its HA "
+                       "guests as the cluster's leader assigns them; self-fence when the "
+                       "lease cannot be renewed. SIGTERM stops it cleanly and leaves the "
+                       "guests running (frozen).")
+    p.add_argument("--node", metavar="NAME", help="this host's node name (default: the host "
+                   "name, if the cluster file has a node of that name)")
+    ha = top.add_parser("ha", help="HA: status, decision log, what-if",
+                        description="HA: the leader's view of nodes and guests, its decision "
+                        "log, and what it would do if a node died.")
+    hs = ha.add_subparsers(dest="command", required=True, metavar="ACTION")
+    text = "the leader, every node and every HA guest, with why"
+    p = hs.add_parser("status", help=text, description=text[:1].upper() + text[1:] + ".")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    text = "the leader's decisions, one line each with its reason"
+    p = hs.add_parser("log", help=text, description=text[:1].upper() + text[1:] + ".")
     p.add_argument("--follow", action="store_true", help="keep printing new decisions")
-    p.add_argument("--json", action="store_true")
-    p = hs.add_parser("what-if", help="what the leader would do if NODE died now")
-    p.add_argument("node", metavar="NODE")
-    p.add_argument("--json", action="store_true")
-    p = node_sub.add_parser("maintenance", help="move HA guests away from NODE (on) and "
-                            "place nothing there until off")
-    p.add_argument("name", metavar="NODE")
-    p.add_argument("mode", choices=("on", "off"))
-    p.add_argument("--no-wait", action="store_true", help="return at once")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    text = "what the leader would do if NODE died now"
+    p = hs.add_parser("what-if", help=text, description=text[:1].upper() + text[1:] + ".")
+    p.add_argument("node", metavar="NODE", help="the node to imagine dead")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    text = "move HA guests away from NODE (on) and place nothing there until off"
+    p = node_sub.add_parser("maintenance", help=text,
+                            description=text[:1].upper() + text[1:] + ".")
+    p.add_argument("name", metavar="NODE", help="the node")
+    p.add_argument("mode", choices=("on", "off"), help="on: evacuate it; off: usable again "
+                   "(guests do not move back by themselves)")
+    p.add_argument("--no-wait", action="store_true", help="return at once, before its "
+                   "guests have left")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def no_etcd(cfg: Any) -> str | None:
+    """The config error of an HA command on a cluster file without [cluster] etcd."""
+    if cfg.cluster.etcd is not None:
+        return None
+    return (f"{cfg.path}: no [cluster] etcd: HA needs the etcd cluster that arbitrates; add "
+            '[cluster] etcd = ["http://HOST:2379", ...]')
 
 
 def run_agent(cfg: Any, args: argparse.Namespace) -> int:
@@ -49,6 +67,16 @@ def run_agent(cfg: Any, args: argparse.Namespace) -> int:
     root.setLevel(logging.INFO)
     for h in root.handlers:  # a long-running daemon: every line with its time
         h.setFormatter(logging.Formatter("%(asctime)s hvctl: %(message)s"))
+
+    # Usage and config first (exit 2), before anything runs.
+    if args.node not in cfg.cluster.nodes:
+        print(f"hvctl: agent: node '{args.node}' is not in {cfg.path} (nodes: "
+              f"{', '.join(cfg.cluster.nodes)}); pass --node with one of them", file=sys.stderr)
+        return 2
+    why = no_etcd(cfg)
+    if why is not None:
+        print(f"hvctl: {why}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -71,6 +99,11 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 async def ha_command(cfg: Any, args: argparse.Namespace) -> int:
+    from rblock.config import ConfigError
+
+    why = no_etcd(cfg)
+    if why is not None:
+        raise ConfigError(why)
     view = HaView.open(cfg)
     try:
         if args.command == "status":
@@ -126,11 +159,18 @@ async def _log(view: HaView, args: argparse.Namespace) -> None:
             print(json.dumps(d) if args.json else decision_line(d), flush=True)
             last = key
         if not args.follow:
+            if not last and not args.json:
+                print("no decisions logged yet (the leader logs one per change of a guest)")
             return
         await asyncio.sleep(FOLLOW_POLL_S)
 
 
 async def maintenance(cfg: Any, args: argparse.Namespace) -> int:
+    from rblock.config import ConfigError
+
+    why = no_etcd(cfg)
+    if why is not None:
+        raise ConfigError(why)
     view = HaView.open(cfg)
     try:
         msg = await view.maintenance(args.name, args.mode == "on")
@@ -150,6 +190,8 @@ async def maintenance(cfg: Any, args: argparse.Namespace) -> int:
 async def through_agents(cfg: Any, args: argparse.Namespace) -> int | None:
     """guest start/stop/move of an HA guest while agents run: a request, then (unless
     --no-wait) wait for the result. None: not HA-managed or no agent: the caller acts."""
+    from rblock.config import ConfigError
+
     g = cfg.guest(args.name)
     if g.ha == "disabled" or cfg.cluster.etcd is None:
         return None
@@ -160,6 +202,11 @@ async def through_agents(cfg: Any, args: argparse.Namespace) -> int | None:
                 return None
         except HaError:
             return None
+        if getattr(args, "force", False):
+            raise ConfigError(f"--force is for guests hvctl runs itself; the HA agents run "
+                              f"{g.name} (ha = \"{g.ha}\"): they ask every host and wait "
+                              f"for a lost one to be fenced; drop --force ('hvctl ha status' "
+                              f"says why {g.name} waits)")
         c = args.command
         node = args.node if c == "move" else getattr(args, "on", None)
         if node is not None:

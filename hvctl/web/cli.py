@@ -22,18 +22,19 @@ def add_parsers(top: Any) -> None:
     web.add_argument("--listen", default=LISTEN_DEFAULT, metavar="HOST:PORT",
                      help=f"address to serve on (default {LISTEN_DEFAULT}: this host only)")
     web.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
-    web.add_argument("--tls-key", metavar="FILE", help="... and this key")
+    web.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert (PEM)")
     ws = web.add_subparsers(dest="command")
     p = ws.add_parser("adduser", help="add a user, or set its password and role")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--role", choices=("admin", "viewer"), default="admin")
+    p.add_argument("name", metavar="NAME", help="the user's login name")
+    p.add_argument("--role", choices=("admin", "viewer"), default="admin",
+                   help="admin: may act; viewer: may only look (default admin)")
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password from standard input (for scripts)")
     p = ws.add_parser("token", help="make an API token for a user (printed once)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the user the token acts as")
     p = ws.add_parser("totp", help="turn on a user's second factor (a one-time code from an "
                                    "authenticator app at every login), or off with --off")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the user")
     p.add_argument("--off", action="store_true", help="turn it off")
 
 
@@ -87,7 +88,7 @@ def serve(cfg: Any, users: Any, args: argparse.Namespace) -> int:
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        print(f"hvctl: --listen {args.listen!r} is not HOST:PORT; write it like "
+        print(f"hvctl: --listen '{args.listen}' is not HOST:PORT; write it like "
               f"{LISTEN_DEFAULT}", file=sys.stderr)
         return 2
     tls = None
