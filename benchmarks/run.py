@@ -605,9 +605,12 @@ def log_mentions_traceback(log_path: Path) -> bool:
 
 
 def server_order(servers: Sequence[str], repetition: int) -> list[str]:
-    """Rotate the start position each repetition so no server always runs first."""
+    """Rotate the start position each repetition so no server always runs first, and run
+    every other repetition backwards so no server always runs right after the same one (a
+    run can leave work behind for the next: the page cache's writeback of its image)."""
     shift = repetition % len(servers)
-    return [*servers[shift:], *servers[:shift]]
+    order = [*servers[shift:], *servers[:shift]]
+    return order[::-1] if repetition % 2 else order
 
 
 def describe(result: RunResult) -> str:

@@ -10,6 +10,7 @@ every request the server saw: libnbd would add none, but this leaves no doubt.
 from __future__ import annotations
 
 import asyncio
+import struct
 import urllib.request
 
 import pytest
@@ -29,6 +30,7 @@ WRITES = 37  # N writes of B bytes
 WRITE_BYTES = 3 * BLOCK
 READS = 11
 READ_BYTES = 2 * BLOCK
+PIPELINED = 24  # then this many WRITE+READ pairs sent at once: batches, replies per pass
 CMD_WRITE_ZEROES = 6  # the raw client's constants stop at FLUSH
 SIZE_BYTES = 64 << 20
 
@@ -112,6 +114,18 @@ def test_scrape_parses_and_counts_a_known_workload_exactly(cluster):
             raw.recv_exact(READ_BYTES)
         raw.request(nbdwire.CMD_FLUSH, handle=2000)
         assert raw.simple_reply() == (0, 2000)
+        # Pipelined: the server finds many requests per receive, of two commands in turn,
+        # and answers many per loop pass; each is still counted once.
+        raw.send(b"".join(
+            struct.pack(">IHHQQI", nbdwire.REQUEST_MAGIC, 0, nbdwire.CMD_WRITE, 4000 + i,
+                        i * WRITE_BYTES, WRITE_BYTES) + bytes([i]) * WRITE_BYTES
+            + struct.pack(">IHHQQI", nbdwire.REQUEST_MAGIC, 0, nbdwire.CMD_READ, 5000 + i,
+                          i * READ_BYTES, READ_BYTES) for i in range(PIPELINED)))
+        for _ in range(2 * PIPELINED):
+            error, handle = raw.simple_reply()
+            assert error == 0
+            if handle >= 5000:
+                raw.recv_exact(READ_BYTES)
         # Two refused requests: a WRITE past the end (ENOSPC) and an unknown command.
         assert write(raw, SIZE_BYTES, b"x" * BLOCK, 3000) != 0
         raw.request(99, 0, 0, 3001)
@@ -125,12 +139,13 @@ def test_scrape_parses_and_counts_a_known_workload_exactly(cluster):
     types = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert {k: types.get(k) for k in FAMILIES} == FAMILIES
 
-    assert delta(after, before, "rblock_writes_total", **res) == WRITES
-    assert delta(after, before, "rblock_write_bytes_total", **res) == WRITES * WRITE_BYTES
-    assert delta(after, before, "rblock_reads_total", **res) == READS
-    assert delta(after, before, "rblock_read_bytes_total", **res) == READS * READ_BYTES
+    writes, reads = WRITES + PIPELINED, READS + PIPELINED
+    assert delta(after, before, "rblock_writes_total", **res) == writes
+    assert delta(after, before, "rblock_write_bytes_total", **res) == writes * WRITE_BYTES
+    assert delta(after, before, "rblock_reads_total", **res) == reads
+    assert delta(after, before, "rblock_read_bytes_total", **res) == reads * READ_BYTES
     # The histograms count every request answered, the refused ones too.
-    for kind, answered, errors in (("write", WRITES + 1, 1), ("read", READS, 0),
+    for kind, answered, errors in (("write", writes + 1, 1), ("read", reads, 0),
                                    ("flush", 1, 0), ("other", 1, 1), ("trim", 0, 0)):
         assert delta(after, before, "rblock_request_seconds_count", type=kind,
                      **res) == answered, kind
@@ -140,7 +155,7 @@ def test_scrape_parses_and_counts_a_known_workload_exactly(cluster):
         assert buckets[-1] == (float("inf"), count), kind
         assert [n for _, n in buckets] == sorted(n for _, n in buckets), kind  # cumulative
     write_sum_s = delta(after, before, "rblock_request_seconds_sum", type="write", **res)
-    assert 0 < write_sum_s < WRITES  # each write took well under a second
+    assert 0 < write_sum_s < writes  # each write took well under a second
     assert value(after, "rblock_nbd_clients", **res) == 0
     assert value(after, "rblock_primary", **res) == 1
     assert value(after, "rblock_disk_up_to_date", **res) == 1
@@ -169,7 +184,7 @@ def test_scrape_parses_and_counts_a_known_workload_exactly(cluster):
     assert summary["node"] == "alpha"
     assert r0["writes"] == value(after, "rblock_writes_total", **res)
     assert r0["write_bytes"] == value(after, "rblock_write_bytes_total", **res)
-    assert r0["write_seconds_count"] == WRITES + 1 + value(
+    assert r0["write_seconds_count"] == writes + 1 + value(
         before, "rblock_request_seconds_count", type="write", **res)
     assert r0["write_seconds_sum"] >= write_sum_s
     assert r0["peer_connected"] == 1 and r0["out_of_sync_bytes"] == 0

@@ -4,16 +4,18 @@ metrics when someone scrapes (`GET /metrics` of the control API); nothing here k
 Prometheus.
 
 Why plain ints and not prometheus_client's Counter/Histogram: each of their `inc()` takes a
-lock, and `observe()` walks the buckets in Python and takes two. Here a request costs one clock read at
-its reply (the arrival time is read once per received batch), a `bisect` over
-LATENCY_BOUNDS_NS and three attribute additions; the event loop is the only writer, so no
-lock is needed (benchmarks/README.md, "Metrics", has both measured).
+lock, and `observe()` walks the buckets in Python and takes two; the event loop is the only
+writer here, so no lock is needed. And the clock is not read per request: the requests of one
+received batch share its arrival time (one clock read), and the replies of one loop pass
+leave together (one `writelines`, rblock/aio.py's SendCoalescer), so the server counts the
+replies of a pass per batch they came in (a few attribute operations per request) and, when
+the pass's replies go out, reads the clock once and adds each batch's count to the bucket of
+its latency (`OpStats.add`). benchmarks/README.md, "Metrics", has the costs measured.
 
 Latency is "request to reply" as the server sees it: from the loop pass that found the whole
-request (header and any payload) in its receive buffer to the moment its reply is queued for
-the socket (the reply leaves at the end of that pass, with the others of the pass). A
-request that waited in the receive buffer while the connection was paused (in-flight limit)
-is timed from its resume.
+request (header and any payload) in its receive buffer to the moment its reply is handed to
+the socket, at the end of the pass that answered it. A request that waited in the receive
+buffer while the connection was paused (in-flight limit) is timed from its resume.
 
 Every request that gets a reply is counted once, in the histogram of its command, whether it
 succeeded or not (`errors` counts the failed ones: refused by the protocol checks or failed
@@ -64,12 +66,15 @@ class OpStats:
         """Requests answered (the histogram's count)."""
         return sum(self.buckets)
 
+    def add(self, latency_ns: int, count: int) -> None:
+        """COUNT requests answered, each after LATENCY_NS."""
+        self.buckets[bucket_of(LATENCY_BOUNDS_NS, latency_ns)] += count
+        self.sum_ns += latency_ns * count
+
     def record(self, arrived_ns: int, nbytes: int, failed: bool) -> None:
-        """The one request answered now (the paths off the WRITE fast path call this; the
-        server inlines the same three lines for a WRITE)."""
-        dt = now_ns() - arrived_ns
-        self.buckets[bucket_of(LATENCY_BOUNDS_NS, dt)] += 1
-        self.sum_ns += dt
+        """One request answered now, timed at once (the server's rare paths: a refused
+        request, a reply after the connection was lost)."""
+        self.add(now_ns() - arrived_ns, 1)
         if failed:
             self.errors += 1
         else:
