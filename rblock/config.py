@@ -24,6 +24,12 @@ config file's directory, so every node can be started from any working directory
 
 `[guest.NAME]` tables and the `[hvctl]` table belong to hvctl and are kept as raw dicts
 (hvctl/config.py checks them).
+
+Which file, and which node: both tools read `--config FILE`, else `$RBLOCK_CONFIG`, else
+DEFAULT_CONFIG_PATH (`config_source`), and a command that acts as a node defaults to this
+host's name when the file has a node of that name (`this_node`). `effective(cfg, node)` is
+what one node runs with (`rblock config show`, and what `rblock adjust` compares);
+RUNTIME_KEYS are the settings a running node takes without a restart.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import difflib
 import math
 import os
 import re
+import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +63,26 @@ AL_EXTENTS_MIN = 16  # a 32 MiB write (the NBD maximum) touches up to 9 extents 
 AL_EXTENTS_MAX = 2042  # what one activity-log slot holds
 RESYNC_RATE_DEFAULT = "200M"
 META_SUFFIX = ".meta"
+
+# The cluster file of both tools (rblock and hvctl): --config, else $RBLOCK_CONFIG, else this.
+CONFIG_ENV = "RBLOCK_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/rblock/cluster.toml"
+# The secret of examples/two-nodes.toml: anyone who has read the README knows it, so a node
+# using it warns (rblock up, status, config show).
+EXAMPLE_SECRET = "change-me"
+SECRET_HIDDEN = "(hidden)"  # what `config show` prints instead of a secret
+# [resource.NAME] keys a running node takes from `rblock adjust`, and from when; every other
+# key (and every [node.NAME] and [cluster] key) needs the node restarted.
+RUNTIME_KEYS = {
+    "resync_rate": "at once, a running resync included",
+    "ping_interval_s": "at once, the current link included",
+    "peer_timeout_s": "at once, the current link included",
+    "ack_timeout_s": "at once",
+    "connect_retry_max_s": "from the next connection attempt",
+    "after_sb_0pri": "from the next connect",
+    "after_sb_1pri": "from the next connect",
+    "secret": "from the next connection (the current link stays up)",
+}
 
 TOP_LEVEL_KEYS = ("cluster", "resource", "node", "guest", "hvctl")
 CLUSTER_KEYS = ("etcd", "etcd_prefix", "etcd_ca", "etcd_cert", "etcd_key", "lease_ttl_s")
@@ -204,6 +232,106 @@ class ClusterConfig:
 def load(path: str | Path) -> ClusterConfig:
     """Read and check the cluster config at `path`; raises ConfigError naming key and fix."""
     return _Loader(Path(path)).load()
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    path: str
+    origin: str  # "--config", "$RBLOCK_CONFIG" or "the default": said when the file is missing
+
+
+def config_source(given: str | None, environ: Mapping[str, str] | None = None) -> ConfigSource:
+    """The cluster file a command reads: GIVEN (--config), else $RBLOCK_CONFIG, else
+    DEFAULT_CONFIG_PATH."""
+    env = os.environ if environ is None else environ
+    if given:
+        return ConfigSource(given, "--config")
+    if env.get(CONFIG_ENV):
+        return ConfigSource(env[CONFIG_ENV], f"${CONFIG_ENV}")
+    return ConfigSource(DEFAULT_CONFIG_PATH, "the default")
+
+
+def load_from(src: ConfigSource) -> ClusterConfig:
+    """`load`, with a missing file that nobody named on the command line said so."""
+    if src.origin != "--config" and not Path(src.path).expanduser().exists():
+        raise ConfigError(f"no cluster file: {src.path} ({src.origin}) does not exist; pass "
+                          f"--config FILE or set ${CONFIG_ENV}")
+    return load(src.path)
+
+
+def this_node(cfg: ClusterConfig, given: str | None = None, hostname: str | None = None) -> str:
+    """The node a command acts as: GIVEN (--node), checked; else this host's name, or the
+    part before its first dot, if the file has a node of that name; else ConfigError."""
+    if given:
+        cfg.node(given)
+        return given
+    host = socket.gethostname() if hostname is None else hostname
+    for name in (host, host.split(".", 1)[0]):
+        if name in cfg.nodes:
+            return name
+    raise ConfigError(f"no --node given, and this host's name '{host}' is not a node in "
+                      f"{cfg.path} (nodes: {_names(cfg.nodes)}); pass --node NAME")
+
+
+def format_size(n: int) -> str:
+    """Bytes as the config file writes them: "256M" when exact, else the number."""
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
+def effective(cfg: ClusterConfig, node: str, hide_secrets: bool = True) -> dict[str, Any]:
+    """What NODE runs with, defaults filled in and paths absolute, keyed as the file is
+    (`rblock config show --json`; `rblock adjust` compares two of them): [cluster], the
+    node's resources, the node and the peers of its resources. Sizes are bytes."""
+    me = cfg.node(node)
+    mine = cfg.resources_of(node)
+    out: dict[str, Any] = {"node": node, "config": str(cfg.path), "cluster": None,
+                           "resources": {}, "nodes": {}}
+    if cfg.etcd is not None:
+        e = cfg.etcd
+        out["cluster"] = {"etcd": list(e.endpoints), "etcd_prefix": e.prefix,
+                          "etcd_ca": _path(e.ca), "etcd_cert": _path(e.cert),
+                          "etcd_key": _path(e.key), "lease_ttl_s": e.lease_ttl_s}
+    for r in mine:
+        out["resources"][r.name] = {
+            "size": r.size_bytes, "protocol": r.protocol,
+            "secret": SECRET_HIDDEN if hide_secrets else r.secret,
+            "ping_interval_s": r.ping_interval_s, "peer_timeout_s": r.peer_timeout_s,
+            "connect_retry_max_s": r.connect_retry_max_s,
+            "resync_rate": r.resync_rate_bytes_per_s, "tls": r.tls,
+            "ack_timeout_s": r.ack_timeout_s, "al_extents": r.al_extents,
+            "fencing": r.fencing, "on_no_quorum": r.on_no_quorum,
+            "after_sb_0pri": r.after_sb_0pri, "after_sb_1pri": r.after_sb_1pri,
+            "nodes": list(r.nodes)}
+    shown = [me] + [p for r in mine for p in cfg.peers(r.name, node)]
+    for n in shown:
+        if n.name in out["nodes"]:
+            continue
+        t: dict[str, Any] = {"replication": str(n.replication), "control": str(n.control),
+                             "nbd": str(n.nbd)}
+        if n is me:
+            if n.libvirt is not None:
+                t["libvirt"] = n.libvirt
+            if n.tls is not None:
+                t.update(tls_cert=str(n.tls.cert), tls_key=str(n.tls.key), tls_ca=str(n.tls.ca))
+            t["disk"] = {r: str(p) for r, p in n.disks.items()}
+            t["meta"] = {r: str(p) for r, p in n.metas.items()}
+        out["nodes"][n.name] = t
+    return out
+
+
+def config_warnings(cfg: ClusterConfig, node: str) -> list[str]:
+    """What in NODE's configuration is set but unsafe, in words (each with its fix)."""
+    return [f"resource {r.name}: secret is \"{EXAMPLE_SECRET}\", the example's: anyone who "
+            f"has read the README can pose as a peer; set secret to a long random string "
+            f"(the same on both nodes, e.g. from 'openssl rand -hex 32') in {cfg.path}"
+            for r in cfg.resources_of(node) if r.secret == EXAMPLE_SECRET]
+
+
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
 
 
 def _names(d: dict) -> str:

@@ -72,7 +72,12 @@ def summarize_metrics(text: str) -> dict:
 
 
 class ControlError(Exception):
-    """The node refused a command or could not be reached; the message says which."""
+    """The node refused a command or could not be reached; the message says which.
+    `config_error`: the node found its config file wrong (`adjust`)."""
+
+    def __init__(self, message: str, config_error: bool = False):
+        super().__init__(message)
+        self.config_error = config_error
 
 
 class ControlClient:
@@ -112,20 +117,39 @@ class ControlClient:
                                f"is 'rblock up' running there?") from None
 
     async def action(self, resource: str, action: str, **body: Any) -> str:
-        url = f"{self._base}/v1/resources/{resource}/{action}"
+        """Run ACTION; its message (also when it changed nothing: see `run`)."""
+        return (await self.run(resource, action, **body))[1]
+
+    async def run(self, resource: str, action: str, **body: Any) -> tuple[bool, str]:
+        """Run ACTION: (changed, message); changed is False when the resource already was
+        as asked and nothing was done (the message says so). Raises ControlError."""
+        data = await self._post(f"/v1/resources/{resource}/{action}", body)
+        return bool(data.get("changed", True)), data["message"]
+
+    async def adjust(self) -> dict:
+        """`rblock adjust`: the node reads its config file again (rblock.node.Node.adjust)."""
+        return await self._post("/v1/adjust", {})
+
+    async def _post(self, path: str, body: dict) -> dict:
         try:
-            async with self._session() as s, s.post(url, json=body) as resp:
+            async with self._session() as s, s.post(self._base + path, json=body) as resp:
                 data = await resp.json()
+        except aiohttp.ContentTypeError:
+            raise ControlError(f"the node's control API at {self.addr} does not know {path}: "
+                               f"is it an older rblock? restart it") from None
         except aiohttp.ClientError as e:
             raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
                                f"is 'rblock up' running there?") from None
         if "error" in data:
-            raise ControlError(data["error"])
-        return data["message"]
+            raise ControlError(data["error"], bool(data.get("config_error")))
+        return data
 
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self, initial: bool = False) -> AsyncIterator[dict]:
+        """State changes as they happen; with INITIAL, first the current state of every
+        resource ("exists" events, then one for resource "-"; control_server.py)."""
+        path = "/v1/events?initial=1" if initial else "/v1/events"
         try:
-            async with self._session(None) as s, s.get(self._base + "/v1/events") as resp:
+            async with self._session(None) as s, s.get(self._base + path) as resp:
                 async for line in resp.content:
                     if line.strip():
                         yield json.loads(line)

@@ -2,11 +2,20 @@
 `start_control`, its handlers, the `EventBus` behind /v1/events and `node_status`.
 
     GET  /v1/status                       -> {"node", "resources": [...]} (see Resource.status)
-    POST /v1/resources/{name}/{action}    -> {"ok": true, "message"} | 409 {"error"}
+    POST /v1/resources/{name}/{action}    -> {"ok": true, "changed": bool, "message"}
+                                             | 409 {"error"}
          actions: primary, secondary (body {"force": bool}), connect ({"discard_my_data"}),
                   disconnect, verify, invalidate, detach, attach,
                   inject-fault ({"reads", "writes", "flushes": bool}; all false clears)
-    GET  /v1/events                       -> one JSON object per line, as state changes
+         "changed": false when the resource already was as asked (`primary` on a Primary,
+         `connect` while connecting, ...): nothing was done, and the message says so.
+    GET  /v1/events[?initial=1]           -> one JSON object per line, as state changes; with
+         initial=1 it starts with the current state (as `drbdsetup events2` does): one
+         {"what": "exists", "resource": NAME, "status": {...}} per resource (the resource's
+         /v1/status entry), then {"what": "exists", "resource": "-"}; every change after them
+    POST /v1/adjust                       -> the node reads its config file again and applies
+         the settings a running node can take (rblock.node.Node.adjust: {"config",
+         "applied", "restart"}); 400 {"error", "config_error": true} if the file is wrong
     GET  /metrics                         -> Prometheus text format (rblock/metrics.py)
 
 It serves any `ServedNode` (rblock.node.Node is the one the daemon runs) and does not import
@@ -19,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from rblock.config import ConfigError
 from rblock.metrics import node_registry, render
 from rblock.replica.resource import ResourceError
 
@@ -112,6 +123,9 @@ class ServedNode(Protocol):
     # For /metrics (rblock/metrics.py): NBD connections and request counters of an export.
     def nbd_clients(self, export: str) -> int: ...
     def request_stats(self, export: str) -> RequestStats | None: ...
+    # `rblock adjust`: read the config file again, apply what can change at run time
+    # (raises ConfigError if the file is wrong: nothing applied then).
+    async def adjust(self) -> dict: ...
 
 
 def node_status(node: ServedNode) -> dict:
@@ -128,6 +142,7 @@ async def start_control(node: ServedNode) -> web.AppRunner:
         web.get("/v1/status", _status),
         web.post("/v1/resources/{name}/{action}", _action),
         web.get("/v1/events", _events),
+        web.post("/v1/adjust", _adjust),
         web.get("/metrics", _metrics),
     ])
     runner = web.AppRunner(app, access_log=None)
@@ -155,6 +170,37 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def _adjust(request: web.Request) -> web.Response:
+    node: ServedNode = request.app[NODE_KEY]
+    try:
+        result = await node.adjust()
+    except ConfigError as e:
+        return web.json_response({"error": f"{e}; nothing was changed", "config_error": True},
+                                 status=400)
+    return web.json_response(result)
+
+
+def _unchanged(node: ServedNode, name: str, action: str, body: dict[str, Any]) -> str | None:
+    """Why ACTION would do nothing to the resource as it is, or None if it would do
+    something (primary and secondary: the core says so itself, see _action)."""
+    st = node.resources[name].status(node.nbd_uri(name))
+    conn = st["peers"][0]["connection"] if st["peers"] else None
+    peer = st["peers"][0]["node"] if st["peers"] else "?"
+    if action == "connect" and conn == "Connected":
+        return f"{name} on {node.name} is already Connected to {peer}"
+    if action == "connect" and conn == "Connecting" and not body.get("discard_my_data"):
+        return (f"{name} on {node.name} is already Connecting to {peer} (it is not "
+                f"StandAlone)")
+    if action == "disconnect" and conn == "StandAlone":
+        return f"{name} on {node.name} is already StandAlone"
+    if action == "inject-fault":
+        asked = [w for w in ("reads", "writes", "flushes") if body.get(w)]
+        if asked == (st.get("disk_faults") or []):
+            return (f"the disk of {name} on {node.name} already fails {', '.join(asked)}"
+                    if asked else f"no faults are injected on {name} on {node.name}")
+    return None
+
+
 async def _action(request: web.Request) -> web.Response:
     node: ServedNode = request.app[NODE_KEY]
     name, action = request.match_info["name"], request.match_info["action"]
@@ -168,7 +214,11 @@ async def _action(request: web.Request) -> web.Response:
             body = await request.json()
         except ValueError:
             return web.json_response({"error": "request body is not JSON"}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "request body is not a JSON object"}, status=400)
     force = bool(body.get("force"))
+    if action in ACTIONS and (why := _unchanged(node, name, action, body)) is not None:
+        return web.json_response({"ok": True, "changed": False, "message": why})
     try:
         if action == "primary":
             msg = await r.promote(force, bool(body.get("ignore_fencing")))
@@ -200,15 +250,31 @@ async def _action(request: web.Request) -> web.Response:
                                                f"{', '.join(ACTIONS)}"}, status=404)
     except ResourceError as e:
         return web.json_response({"error": str(e)}, status=409)
-    return web.json_response({"ok": True, "message": msg})
+    if action in ("primary", "secondary") and msg.startswith("already "):
+        # The core's answer when the role already is the one asked for.
+        return web.json_response({"ok": True, "changed": False,
+                                  "message": f"{name} is {msg} on {node.name}"})
+    return web.json_response({"ok": True, "changed": True, "message": msg})
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
     node: ServedNode = request.app[NODE_KEY]
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     q = node.events.subscribe()  # before the headers go out: a client that has them is in
+    # The current state, taken right after subscribing with no await between: every change
+    # after it is in the queue, none before it.
+    initial = []
+    if request.query.get("initial") not in (None, "", "0"):
+        now = time.time()
+        initial = [{"time": now, "resource": name, "what": "exists", "old": "", "new": "",
+                    "detail": "", "status": r.status(node.nbd_uri(name))}
+                   for name, r in node.resources.items()]
+        initial.append({"time": now, "resource": "-", "what": "exists", "old": "", "new": "",
+                        "detail": "the current state is above; changes follow"})
     try:
         await resp.prepare(request)
+        if initial:
+            await resp.write(b"".join(json.dumps(ev).encode() + b"\n" for ev in initial))
         while (ev := await q.get()) is not None:
             await resp.write(json.dumps(ev).encode() + b"\n")
         await resp.write_eof()

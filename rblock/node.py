@@ -9,19 +9,43 @@ A node serves, for every resource it holds a disk for:
   `tls_ca` (rblock/replica/link.py);
 - the control API on its `control` address (rblock/control_server.py), used by the CLI and
   hvctl through rblock/control_client.py.
+
+Why the peer is not connected, for `rblock status`: the dialer tells the resource when a dial
+fails (unreachable within DIAL_TIMEOUT_S, or a TLS handshake refused), its links tell it when
+they fail before they are up (rblock/replica/link.py), and a connection the listener refused
+before it named its resource is put on the Connecting resources whose peer's replication host
+is the address it came from.
+
+`adjust()` (`rblock adjust`) reads the config file again and applies to the running resources
+what config.RUNTIME_KEYS lists; what else differs from the file is reported as needing a
+restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
-from rblock.config import ClusterConfig, NodeConfig, ResourceConfig
+from rblock import tls_files
+from rblock.config import (
+    RUNTIME_KEYS,
+    SECRET_HIDDEN,
+    ClusterConfig,
+    NodeConfig,
+    ResourceConfig,
+    config_warnings,
+    effective,
+    load,
+)
 from rblock.control_server import EventBus, start_control
 from rblock.fencer import Fencer
 from rblock.nbd import proto as p
@@ -31,13 +55,16 @@ from rblock.nbd.stats import RequestStats
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.link import (
     AUTH_TIMEOUT_S,
+    FAIL_TLS,
+    FAIL_UNREACHABLE,
+    LinkRefused,
     PeerLink,
     PeerListener,
     PeerTLS,
     TLSFilesError,
     describe_tls_error,
 )
-from rblock.replica.resource import Resource
+from rblock.replica.resource import RUNTIME_FIELDS, Resource
 from rblock.replica.state import Conn, Role
 from rblock.replica.wire import LinkError
 from rblock.store.metadata import Metadata, MetadataError
@@ -48,12 +75,25 @@ from rblock.units import format_hostport
 log = logging.getLogger("rblock.node")
 
 DIAL_BACKOFF_FIRST_S = 0.1
+# A dial to a machine that drops the packets (down, or a firewall) gives up after this and
+# says so in status, instead of waiting for the kernel's SYN retries (about two minutes).
+DIAL_TIMEOUT_S = 10.0
 DEFAULT_PING_INTERVAL_S = 1.0
 DEFAULT_PEER_TIMEOUT_S = 4.0
+EXIT_FAILED, EXIT_CONFIG = 1, 2  # rblock/cli.py's exit codes
+_LOOPBACK = ("localhost", "ip6-localhost", "::1")
+# ResourceConfig field -> the config key `rblock adjust` names (RUNTIME_KEYS are keys).
+_FIELD_KEYS = {"resync_rate_bytes_per_s": "resync_rate"}
 
 
 class NodeError(Exception):
-    """A problem the user can fix; the message says what and how."""
+    """A problem the user can fix; the message says what and how. `exit_code` follows
+    rblock/cli.py: 2 when the config (or a file it names) is wrong, 1 when the node could
+    not do it here (a port taken, a disk in use, no metadata yet)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def create_md(cfg: ClusterConfig, node_name: str, resources: list[str], force: bool) -> list[str]:
@@ -102,9 +142,15 @@ class Node:
         files = self.me.tls
         assert files is not None, "config.load checks that every node of a TLS resource has them"
         try:
-            return PeerTLS.load(files.cert, files.key, files.ca)
+            tls_files.check(files.cert, files.key, files.ca)  # each file, in words
+        except tls_files.TLSFileError as e:
+            raise NodeError(f"{self.cfg.path}: node.{self.name}.tls_{e.which}: {e}",
+                            EXIT_CONFIG) from None
+        try:
+            return PeerTLS.load(files.cert, files.key, files.ca)  # and a handshake with itself
         except TLSFilesError as e:
-            raise NodeError(f"{self.cfg.path}: node.{self.name}.{e.key}: {e}") from None
+            raise NodeError(f"{self.cfg.path}: node.{self.name}.{e.key}: {e}",
+                            EXIT_CONFIG) from None
 
     def _open_resources(self) -> None:
         for res in self.cfg.resources_of(self.name):
@@ -128,6 +174,7 @@ class Node:
                              str(mp), self.name, res.name, res.size_bytes,
                              al_extents_max=res.al_extents))
             r.nbd_clients = lambda n=res.name: self.nbd_clients(n)
+            r.dials = self.name < peer.name  # the rule of _dial_loop's caller in run()
             r.disk_path = Path(disk)
             r.snapshot_dir = snapshot_dir(Path(disk), Path(meta_path))
             if self.fencer is not None:
@@ -235,13 +282,18 @@ class Node:
         if r.conn is Conn.STANDALONE:
             raise LinkError(f"resource {name} is StandAlone on {self.name}; run "
                             f"'rblock connect {name}' there")
+        why = ""
         if r.cfg.tls and link.tls_version is None:
-            raise LinkError(f"resource {name} has tls = true on {self.name}, but {peer} "
-                            f"connected without TLS; set tls = true in [resource.{name}] on "
-                            f"{peer} too (with tls_cert, tls_key and tls_ca under [node.{peer}])")
-        if not r.cfg.tls and link.tls_version is not None:
-            raise LinkError(f"{peer} connected with TLS, but resource {name} has tls off on "
-                            f"{self.name}; give both nodes the same tls setting for {name}")
+            why = (f"resource {name} has tls = true on {self.name}, but {peer} connected "
+                   f"without TLS; set tls = true in [resource.{name}] on {peer} too (with "
+                   f"tls_cert, tls_key and tls_ca under [node.{peer}])")
+        elif not r.cfg.tls and link.tls_version is not None:
+            why = (f"{peer} connected with TLS, but resource {name} has tls off on "
+                   f"{self.name}; give both nodes the same tls setting for {name}")
+        if why:
+            r.note_connect_failure(FAIL_TLS, why)
+            link.unrouted_failure = None  # told the resource itself
+            raise LinkRefused(why, FAIL_TLS)
         link.ping_interval_s = r.cfg.ping_interval_s
         link.peer_timeout_s = r.cfg.peer_timeout_s
         return r, r.cfg.secret, peer
@@ -269,21 +321,28 @@ class Node:
                             resource=r.name, expect_node=r.peer_node)
             try:
                 if tls is None:
-                    await loop.create_connection(lambda link=link: link, peer.replication.host,
-                                                 peer.replication.port)
+                    dial = loop.create_connection(lambda link=link: link, peer.replication.host,
+                                                  peer.replication.port)
                 else:
-                    await loop.create_connection(lambda link=link: link, peer.replication.host,
-                                                 peer.replication.port, ssl=tls.client,
-                                                 ssl_handshake_timeout=AUTH_TIMEOUT_S)
-            except OSError as e:
-                # Refused or unreachable: the peer is not up yet, retried quietly. Anything
-                # else with TLS on failed in the handshake, and the user needs to know why.
+                    dial = loop.create_connection(lambda link=link: link, peer.replication.host,
+                                                  peer.replication.port, ssl=tls.client,
+                                                  ssl_handshake_timeout=AUTH_TIMEOUT_S)
+                await asyncio.wait_for(dial, DIAL_TIMEOUT_S)
+            except OSError as e:  # TimeoutError included
+                # Refused or unreachable: the peer is not up yet, retried quietly (status
+                # says it). Anything else with TLS on failed in the handshake, and the user
+                # needs to know why.
                 if tls is not None and _handshake_failure(e):
                     why = describe_tls_error(e, tls.ca)
+                    r.note_connect_failure(FAIL_TLS, f"TLS handshake with {r.peer_node} "
+                                                     f"({peer.replication}) failed: {why}")
                     if why != last_failure:
                         log.error("link %s dial to %s (%s): TLS handshake failed: %s", r.name,
                                   r.peer_node, peer.replication, why)
                         last_failure = why
+                else:
+                    r.note_connect_failure(FAIL_UNREACHABLE,
+                                           _dial_failure(r.peer_node, str(peer.replication), e))
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, r.cfg.connect_retry_max_s)
                 continue
@@ -313,12 +372,15 @@ class Node:
             await self._listen("NBD", self.me.nbd, self.nbd.listen_tcp)
             loop = asyncio.get_running_loop()
             repl = self.me.replication
+            for warning in config_warnings(self.cfg, self.name):
+                log.warning("%s", warning)
 
             def new_link() -> PeerLink:
                 return PeerLink(self.name, dialer=False, ping_interval_s=DEFAULT_PING_INTERVAL_S,
                                 peer_timeout_s=DEFAULT_PEER_TIMEOUT_S, route=self._route)
 
             repl_server = PeerListener(new_link, self.tls)
+            repl_server.on_failure = self._unrouted_failure
             try:
                 await repl_server.start(repl.host, repl.port)
             except OSError as e:
@@ -361,6 +423,76 @@ class Node:
         log.info("node %s stopped cleanly", self.name)
         return 0
 
+    def _unrouted_failure(self, remote_host: str, kind: str, reason: str) -> None:
+        """An incoming connection failed before it named its resource: shown on the
+        Connecting resources whose peer is at that address (their dialer, most likely)."""
+        for r in self.resources.values():
+            peer_host = self.cfg.node(r.peer_node).replication.host
+            if r.conn is Conn.CONNECTING and _same_host(remote_host, peer_host):
+                r.note_connect_failure(kind, f"{reason} (a connection from {remote_host})")
+
+    # --- rblock adjust -------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> str:
+        return str(self.cfg.path)
+
+    def running_config(self) -> ClusterConfig:
+        """The config the node runs with: the file it started from, with what `adjust`
+        applied since."""
+        resources = dict(self.cfg.resources)
+        resources.update({name: r.cfg for name, r in self.resources.items()})
+        return dataclasses.replace(self.cfg, resources=resources)
+
+    async def adjust(self) -> dict[str, Any]:
+        """Read the config file again; apply what RUNTIME_KEYS lists; say what else differs.
+
+            {"config": PATH, "applied": [{"key", "old", "new", "when"}],
+             "restart": [{"key", "old", "new"}]}
+
+        Keys are the file's ("resource.r0.resync_rate"); secrets show as SECRET_HIDDEN.
+        Raises ConfigError (nothing applied) if the file does not load or lacks this node."""
+        loop = asyncio.get_running_loop()
+        new = await loop.run_in_executor(None, load, self.cfg.path)
+        new.node(self.name)
+        old_tables = _tables(effective(self.running_config(), self.name, hide_secrets=False))
+        new_tables = _tables(effective(new, self.name, hide_secrets=False))
+        applied, restart = [], []
+        for table in _in_order(old_tables, new_tables):
+            before_t, after_t = old_tables.get(table), new_tables.get(table)
+            if before_t is None or after_t is None:  # a whole table came or went
+                restart.append({"key": table, "old": "absent" if before_t is None else "set",
+                                "new": "absent" if after_t is None else "set"})
+                continue
+            for key in _in_order(before_t, after_t):
+                before, after = before_t.get(key), after_t.get(key)
+                if before == after:
+                    continue
+                shown = [SECRET_HIDDEN if key == "secret" else v for v in (before, after)]
+                entry = {"key": f"{table}.{key}", "old": shown[0], "new": shown[1]}
+                if table.startswith("resources.") and key in RUNTIME_KEYS:
+                    entry["when"] = RUNTIME_KEYS[key]
+                    applied.append(entry)
+                else:
+                    restart.append(entry)
+        for name, r in self.resources.items():
+            if name not in new.resources or name not in new.nodes[self.name].disks:
+                continue
+            fresh = new.resources[name]
+            changes = {f: getattr(fresh, f) for f in RUNTIME_FIELDS
+                       if getattr(fresh, f) != getattr(r.cfg, f)}
+            if changes:
+                r.apply_settings(dataclasses.replace(r.cfg, **changes))
+                log.info("%s: adjust applied %s", name, ", ".join(
+                    _FIELD_KEYS.get(f, f) for f in changes))
+        for e in restart:
+            log.info("adjust: %s differs in %s; it takes a restart of the node",
+                     e["key"].replace("resources.", "resource.").replace("nodes.", "node."),
+                     self.cfg.path)
+        for e in applied + restart:
+            e["key"] = _file_key(e["key"])
+        return {"config": str(self.cfg.path), "applied": applied, "restart": restart}
+
     async def _listen(self, what: str, addr, listen) -> None:
         try:
             await listen(addr.host, addr.port)
@@ -382,6 +514,57 @@ def _disk_size(path: Path) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+def _dial_failure(peer: str, addr: str, e: OSError) -> str:
+    """A failed dial in words: 'cannot connect to beta at 127.0.0.1:7791: connection
+    refused (is rblock up running there?)'."""
+    if isinstance(e, TimeoutError):
+        return (f"cannot connect to {peer} at {addr}: no answer in {DIAL_TIMEOUT_S:g}s (the "
+                f"machine is down, or a firewall drops the packets)")
+    if isinstance(e, socket.gaierror):
+        return f"cannot connect to {peer}: its host in {addr} does not resolve ({e.strerror})"
+    what = os.strerror(e.errno).lower() if e.errno else str(e)
+    hint = " (is 'rblock up' running there?)" if e.errno == errno.ECONNREFUSED else ""
+    return f"cannot connect to {peer} at {addr}: {what}{hint}"
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Whether two hosts of addresses are the same machine, as far as one can tell without
+    a name lookup (any loopback address is one machine)."""
+    def loop(h: str) -> bool:
+        return h.lower() in _LOOPBACK or h.startswith("127.") or h.startswith("::ffff:127.")
+    return a.lower() == b.lower() or (loop(a) and loop(b))
+
+
+def _tables(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """config.effective's view as tables: {"cluster": {...}, "resources.r0": {...},
+    "nodes.alpha": {...}}, a node's disk and meta tables flattened into it ("disk.r0")."""
+    out: dict[str, dict[str, Any]] = {}
+    if view["cluster"] is not None:
+        out["cluster"] = dict(view["cluster"])
+    for group in ("resources", "nodes"):
+        for name, t in view[group].items():
+            flat: dict[str, Any] = {}
+            for k, v in t.items():
+                if isinstance(v, dict):
+                    flat.update({f"{k}.{sub}": x for sub, x in v.items()})
+                else:
+                    flat[k] = v
+            out[f"{group}.{name}"] = flat
+    return out
+
+
+def _in_order(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys of A, then those only B has, each once (the order the file shows them)."""
+    return list(dict.fromkeys([*a, *b]))
+
+
+def _file_key(key: str) -> str:
+    """The effective view's key as the file spells it: resources.r0.x -> resource.r0.x."""
+    head, _, rest = key.partition(".")
+    return {"resources": "resource", "nodes": "node"}.get(head, head) + (f".{rest}" if rest
+                                                                          else "")
 
 
 def _handshake_failure(e: OSError) -> bool:

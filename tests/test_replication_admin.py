@@ -106,10 +106,11 @@ def refusal(c, node: str) -> tuple[str, str]:
     return str(ei.value), " | ".join(server)
 
 
-def fail(c, node: str, *args: str) -> subprocess.CompletedProcess:
-    """Run a CLI command that must be refused: exit 2, the message on stderr."""
+def fail(c, node: str, *args: str, code: int = 1) -> subprocess.CompletedProcess:
+    """Run a CLI command that must be refused: exit CODE (1 refused or failed, 2 usage or
+    config: rblock/cli.py), the message on stderr."""
     res = c.rblock(node, *args, check=False)
-    assert res.returncode == 2, (args, res.returncode, res.stdout, res.stderr)
+    assert res.returncode == code, (args, res.returncode, res.stdout, res.stderr)
     assert res.stderr.startswith("rblock: "), res.stderr
     return res
 
@@ -624,9 +625,12 @@ def test_split_brain_detected_kept_and_resolved(cluster):
     assert read_through(c, "alpha", 0, MIB) == mine["alpha"]
     # (beta reading its own writes back: test_forced_promotion_of_an_outdated_disk)
 
-    # beta is still Connecting (a no-op for it, and done first: after the refusal below a
-    # late 'connect' would legitimately take it out of StandAlone again); alpha dials.
-    c.rblock("beta", "connect", "r0")
+    # beta is still Connecting: 'connect' is a no-op for it, and says so (exit 1; done
+    # first: after the refusal below a late 'connect' would legitimately take it out of
+    # StandAlone again); alpha dials.
+    res = fail(c, "beta", "connect", "r0")
+    assert res.stderr == ("rblock: r0 on beta is already Connecting to alpha (it is not "
+                          "StandAlone); nothing done\n"), res.stderr
     c.rblock("alpha", "connect", "r0")
     for node in ("alpha", "beta"):
         c.wait(lambda n=node: "split brain" in c.log(n), timeout_s=15, what=f"{node} split brain")
@@ -705,6 +709,11 @@ def test_events_stream(cluster):
                             for e in evs))
 
         evs = parsed(collect(qj, seen_all))
+        # It starts with the current state (as drbdsetup events2): r0, then the end mark.
+        assert [(e["what"], e["resource"]) for e in evs[:2]] == [("exists", "r0"),
+                                                                  ("exists", "-")], evs[:2]
+        assert evs[0]["status"]["role"] == "Primary", evs[0]
+        evs = evs[2:]
         for e in evs:
             assert {"resource", "what", "old", "new"} <= set(e), e
             assert e["resource"] == "r0"
@@ -819,7 +828,7 @@ def test_cli_errors(cluster):
 
     c.create_md("alpha")
     c.up("alpha")
-    res = fail(c, "alpha", "primary", "r9")
+    res = fail(c, "alpha", "primary", "r9", code=2)  # not in the config: usage
     assert "r9" in res.stderr and "r0" in res.stderr, res.stderr
     res = fail(c, "alpha", "primary", "r0")  # fresh data, no --force
     assert "--force" in res.stderr, res.stderr

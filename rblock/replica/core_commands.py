@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from rblock.config import ResourceConfig
 from rblock.replica.core_common import (
     _DISK_RANK,
     _ESTABLISHED,
@@ -21,6 +22,7 @@ from rblock.replica.core_common import (
 )
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.fencing import Ev
+from rblock.replica.resync import RateLimiter
 from rblock.replica.state import (
     DISK_PERSISTED,
     Conn,
@@ -374,6 +376,15 @@ class Commands:
             self.refusal = ""
             self._set("connection", Conn.CONNECTING)
         return "connecting"
+
+    def settings_changed(self, cfg: ResourceConfig) -> None:
+        """`rblock adjust` (Resource.apply_settings): the settings a running resource takes.
+        The resync rate applies to the next request of a running resync; the others are
+        read where they are used (ack watch, the next connect's split-brain policies)."""
+        assert cfg.protocol == self.cfg.protocol and cfg.size_bytes == self.cfg.size_bytes
+        if cfg.resync_rate_bytes_per_s != self.cfg.resync_rate_bytes_per_s:
+            self._rate = RateLimiter(cfg.resync_rate_bytes_per_s)
+        self.cfg = cfg
 
     def verify(self) -> str:
         if not (self.link_is_up and self.phase is _ESTABLISHED):

@@ -34,6 +34,14 @@ sends (0x16 opens a TLS handshake, our frames start with "R") and hands the sock
 to a plain link, so a TLS/plain mismatch is refused with a reason instead of garbling a
 handshake. On a node where no resource has TLS on, the listener is the plain asyncio server,
 and on any node the frame path has no TLS code on it at all.
+
+Why a connection failed, for `rblock status` (beside Connecting): a link that closes before
+it is up tells its owner `link_failed(link, kind, reason)`, KIND one of the FAIL_* words
+(wrong secret, TLS refused, refused, refused by the peer, no answer, link lost); a REFUSE
+frame carries its kind, so both ends say the same. An accepted connection that fails before
+its HELLO named a resource (a TLS handshake, a TLS/plain mismatch) has no owner yet: the
+listener reports it to `PeerListener.on_failure(remote_host, kind, reason)`, and the node
+decides which resource it was probably for.
 """
 
 from __future__ import annotations
@@ -74,6 +82,26 @@ PREAUTH_PAYLOAD_MAX_BYTES = 64 * 1024
 # and protocol A writes wait (DRBD's on-congestion=block) instead of queueing without bound.
 SEND_BUFFER_BYTES_MAX = 4 * 1024 * 1024
 
+# Why a connection attempt failed, in the words `rblock status` shows beside Connecting.
+FAIL_SECRET = "wrong secret"  # the HMAC of the shared secret did not match
+FAIL_TLS = "TLS refused"  # a TLS handshake failed, or one side has tls on and the other off
+FAIL_REFUSED = "refused"  # this node refused the peer (the reason says why)
+FAIL_PEER_REFUSED = "refused by the peer"  # the peer refused this node
+FAIL_UNREACHABLE = "peer unreachable"  # no TCP connection (node.py's dialer)
+FAIL_TIMEOUT = "no answer"  # connected, but the peer did not finish the set-up in time
+FAIL_LOST = "link lost"  # closed before it was up, or dropped after
+FAIL_DISCONNECTED = "disconnected by the peer"  # it said so (a disconnect, a shutdown)
+_FAIL_KINDS = (FAIL_SECRET, FAIL_TLS, FAIL_REFUSED, FAIL_PEER_REFUSED, FAIL_UNREACHABLE,
+               FAIL_TIMEOUT, FAIL_LOST, FAIL_DISCONNECTED)
+
+
+class LinkRefused(LinkError):
+    """A refusal with its FAIL_* kind (the route's TLS mismatch: FAIL_TLS)."""
+
+    def __init__(self, message: str, kind: str = FAIL_REFUSED):
+        super().__init__(message)
+        self.kind = kind
+
 
 class LinkOwner(Protocol):
     """What a link reports to (the resource)."""
@@ -83,6 +111,9 @@ class LinkOwner(Protocol):
     def link_frame(self, link: PeerLink, frame: Frame) -> None: ...
 
     def link_down(self, link: PeerLink, reason: str) -> None: ...
+
+    def link_failed(self, link: PeerLink, kind: str, reason: str) -> None:
+        """The link closed before it was up (see FAIL_*)."""
 
 
 class Phase(enum.Enum):
@@ -139,6 +170,11 @@ class PeerLink(asyncio.BufferedProtocol):
         self.received_bytes = 0
         self.tls_version: str | None = None  # "TLSv1.3" on a TLS link, None on a plain one
         self.remote = "?"  # the peer's address, for log lines before it has said its name
+        self.remote_host = ""  # ... and its host alone (which resource a failure was for)
+        self.failure_kind = ""  # FAIL_*: why it closed before it was up, once known
+        # Acceptor side, set by the listener: told of a failure before a HELLO named the
+        # resource (owner still None): (remote host, FAIL_* kind, reason).
+        self.unrouted_failure: Callable[[str, str, str], None] | None = None
         # Called once with this link when it is authenticated or closed, whichever is first
         # (the listener's count of connections being admitted).
         self.settled: Callable[[PeerLink], None] | None = None
@@ -156,6 +192,7 @@ class PeerLink(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.remote = _format_peername(peername)
+            self.remote_host = str(peername[0])
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_version = ssl_object.version()
@@ -192,18 +229,33 @@ class PeerLink(asyncio.BufferedProtocol):
                 and self.tls_version is not None):
             # In TLS 1.3 the server checks the client's certificate after the client's side of
             # the handshake is done: a refused certificate shows up here, as a bare close.
+            self.failure_kind = self.failure_kind or FAIL_TLS
+            reason = (f"{reason}: the peer may have refused this node's certificate (it must "
+                      f"be signed by the CA in the peer's tls_ca; see the peer's log)")
             log.error("link %s dial to %s (%s) not established: %s; the peer may have "
                       "refused this node's certificate (see its log): it must be signed by the "
                       "CA in the peer's tls_ca", self.resource or "?", self.peer_node or "?",
-                      self.remote, reason)
+                      self.remote, self.close_reason)
         elif prev is not Phase.CLOSED:
             if self.dialer:  # it knows the peer's name and address from the config
                 log.info("link %s dial to %s not established: %s", self.resource,
                          self.peer_node, reason)
             else:
                 log.info("link %s accept not established: %s", self._label(), reason)
+        if prev is not Phase.UP and prev is not Phase.CLOSED:
+            self._report_failure(reason)
         if not self.closed.done():
             self.closed.set_result(reason)
+
+    def _report_failure(self, reason: str) -> None:
+        """Closed before it was up: tell whoever will show it (see the module docstring)."""
+        kind = self.failure_kind or FAIL_LOST
+        if self.owner is not None:
+            report = getattr(self.owner, "link_failed", None)
+            if report is not None:
+                report(self, kind, reason)
+        elif self.unrouted_failure is not None:
+            self.unrouted_failure(self.remote_host, kind, reason)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._arena.writable()
@@ -269,6 +321,7 @@ class PeerLink(asyncio.BufferedProtocol):
                           "tls = true; set tls = true for the resource on both nodes, with "
                           "tls_cert, tls_key and tls_ca on each, or turn it off on the peer")
                 log.error("peer link from %s refused: %s", self.remote, reason)
+                self.failure_kind = FAIL_TLS
                 self.close(reason, log_level=None)
                 return
             self.close(f"{e}; frame dropped", log_level=logging.ERROR)
@@ -290,7 +343,11 @@ class PeerLink(asyncio.BufferedProtocol):
         elif f.type is T.PONG:
             pass
         elif f.type is T.REFUSE:
-            self.close(f"peer refused: {f.json().get('reason', '?')}", log_level=logging.ERROR)
+            body = f.json()
+            kind = body.get("kind")
+            self.failure_kind = (kind if kind in (FAIL_SECRET, FAIL_TLS) else
+                                 FAIL_PEER_REFUSED)
+            self.close(f"peer refused: {body.get('reason', '?')}", log_level=logging.ERROR)
         elif self.phase is Phase.UP:
             assert self.owner is not None
             self.owner.link_frame(self, f)
@@ -328,7 +385,7 @@ class PeerLink(asyncio.BufferedProtocol):
             self.refuse(f"malformed HELLO: {e}")
             return
         except LinkError as e:
-            self.refuse(str(e))
+            self.refuse(str(e), getattr(e, "kind", FAIL_REFUSED))
             return
         if not self.dialer:
             self._send_hello()
@@ -340,7 +397,8 @@ class PeerLink(asyncio.BufferedProtocol):
         expected = auth_digest(self.secret, self._challenge, self.peer_node, self.resource)
         if not hmac.compare_digest(digest, expected):
             self.refuse(f"authentication failed for resource {self.resource}: {self.peer_node} "
-                        f"does not know the shared secret; set the same secret on both nodes")
+                        f"does not know the shared secret; set the same secret on both nodes",
+                        FAIL_SECRET)
             return
         self._peer_verified = True
         self.send([Frame(T.AUTH_OK)])
@@ -387,6 +445,7 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def _auth_timeout(self) -> None:
         if self.phase is not Phase.UP:
+            self.failure_kind = self.failure_kind or FAIL_TIMEOUT
             self.close(f"peer did not complete authentication in {AUTH_TIMEOUT_S:g}s")
 
     def _schedule_ping(self) -> None:
@@ -497,9 +556,12 @@ class PeerLink(asyncio.BufferedProtocol):
             self.transport.resume_reading()
             self._process()
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, kind: str = FAIL_REFUSED) -> None:
+        assert kind in _FAIL_KINDS, kind
         log.error("link %s refused: %s", self._label(), reason)
-        self.send(wire.encode_json(T.REFUSE, {"reason": reason}))
+        self.send(wire.encode_json(T.REFUSE, {"reason": reason, "kind": kind}))
+        if self.phase is not Phase.UP:
+            self.failure_kind = self.failure_kind or kind
         self.close(reason, log_level=None)
 
     def close(self, reason: str, log_level: int | None = logging.INFO) -> None:
@@ -697,6 +759,9 @@ class PeerListener:
         self._accepting: asyncio.Task | None = None
         self._admissions: set[asyncio.Task] = set()
         self._unsettled: set[PeerLink] = set()  # accepted, not authenticated yet
+        # Told of connections that failed before a HELLO named their resource: (remote
+        # host, FAIL_* kind, reason); the node shows them on the resource they were for.
+        self.on_failure: Callable[[str, str, str], None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -725,7 +790,12 @@ class PeerListener:
         link = self.new_link()
         self._unsettled.add(link)
         link.settled = self._unsettled.discard
+        link.unrouted_failure = self._failed
         return link
+
+    def _failed(self, remote_host: str, kind: str, reason: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(remote_host, kind, reason)
 
     def _full(self) -> bool:
         return len(self._unsettled) >= ADMISSIONS_MAX
@@ -783,8 +853,10 @@ class PeerListener:
                 await loop.connect_accepted_socket(lambda: link, sock, ssl=self.tls.server,
                                                    ssl_handshake_timeout=AUTH_TIMEOUT_S)
             except (ssl.SSLError, OSError) as e:  # TimeoutError included: a stalled handshake
-                log.error("peer link from %s refused: TLS handshake failed: %s", remote,
-                          describe_tls_error(e, self.tls.ca))
+                why = describe_tls_error(e, self.tls.ca)
+                log.error("peer link from %s refused: TLS handshake failed: %s", remote, why)
+                self._failed(_host_of(remote), FAIL_TLS,
+                             f"a TLS handshake from {remote} failed: {why}")
         finally:
             if link.transport is None and link.phase is not Phase.CLOSED:
                 self._unsettled.discard(link)  # never connected: it will not settle itself
@@ -820,3 +892,8 @@ async def _peek_byte(sock: socket.socket) -> bytes:
                 loop.add_reader(fd, lambda f=ready: f.done() or f.set_result(None))
     finally:
         loop.remove_reader(fd)
+
+
+def _host_of(remote: str) -> str:
+    """"127.0.0.1" of "127.0.0.1:50242", "::1" of "[::1]:50242" (_format_peername's)."""
+    return remote.rsplit(":", 1)[0].strip("[]")

@@ -13,14 +13,21 @@ Rules of the shell (effects.py says them for every implementation):
 - metadata operations run one at a time, in order, in the default thread pool (they block
   on fdatasync);
 - every task is kept (`_tasks`) and its failure logged.
+
+It also keeps what `rblock status` says beside Connecting: since when the connection is in
+its state, and the last way connecting to the peer failed (`note_connect_failure`: told by
+the links, node.py's dialer and its listener), as a kind (link.py's FAIL_* words), the
+message, and how many attempts in a row failed that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,15 @@ from rblock.replica import wire
 from rblock.replica.core import ResourceCore
 from rblock.replica.effects import Event, ResourceError
 from rblock.replica.fencing import Answer, Fencing, Txn
-from rblock.replica.link import PeerLink
+from rblock.replica.link import (
+    FAIL_DISCONNECTED,
+    FAIL_LOST,
+    FAIL_PEER_REFUSED,
+    FAIL_REFUSED,
+    FAIL_SECRET,
+    FAIL_TLS,
+    PeerLink,
+)
 from rblock.replica.state import DISK_PERSISTED, PERSISTED_DISK, Conn, Disk, Generation, Role
 from rblock.replica.wire import Frame, T
 from rblock.store.device import BlockDevice, Capabilities, DeviceError, FilterDevice
@@ -45,6 +60,26 @@ DiskOpener = Callable[[], tuple[BlockDevice, Metadata]]
 # Runs a fencing transaction (rblock/fencer.py's Fencer.run): resource, peer, kind, and what
 # to call with the Answer.
 FenceRunner = Callable[[str, str, Txn, Callable[[Answer], None]], None]
+
+
+# ResourceConfig fields `rblock adjust` may change on a running resource (config.RUNTIME_KEYS,
+# by field name); apply_settings asserts nothing else differs.
+RUNTIME_FIELDS = ("resync_rate_bytes_per_s", "ping_interval_s", "peer_timeout_s",
+                  "ack_timeout_s", "connect_retry_max_s", "after_sb_0pri", "after_sb_1pri",
+                  "secret")
+
+
+@dataclass
+class ConnectFailure:
+    """How connecting to the peer last failed: KIND (link.py's FAIL_*) and its message;
+    COUNT attempts in a row failed that way, the first at FIRST_S, the last at LAST_S
+    (loop time)."""
+
+    kind: str
+    message: str
+    first_s: float
+    last_s: float
+    count: int = 1
 
 
 class Resource(BlockDevice):
@@ -86,6 +121,9 @@ class Resource(BlockDevice):
         self.disk_path: Path | None = None  # node.py: the backing disk (split-brain snapshots)
         self.snapshot_dir: Path | None = None  # ... and where they go (None: beside it)
         self.lease_info: Callable[[], dict] | None = None  # node.py: the node's lease
+        self.dials: bool | None = None  # node.py: this node dials the peer (else it waits)
+        self._conn_since_s = self._loop.time()  # the connection state's last change
+        self._failure: ConnectFailure | None = None  # the last way connecting failed
         fence = None
         if cfg.fencing == "etcd":
             assert fencer is not None, "node.py gives every fenced resource the fencer"
@@ -263,8 +301,23 @@ class Resource(BlockDevice):
         self.send_write_ack = _drop  # type: ignore[method-assign]
 
     def link_up(self, link: PeerLink) -> None:
+        self._failure = None
         self.attach_link(link)
         self.core.link_up()
+
+    def link_failed(self, link: PeerLink, kind: str, reason: str) -> None:
+        """A link for this resource closed before it was up (link.py's FAIL_* kind)."""
+        self.note_connect_failure(kind, reason)
+
+    def note_connect_failure(self, kind: str, message: str) -> None:
+        """Connecting to the peer failed (for status). The same kind again counts one more
+        attempt of the same failure, with the newest message."""
+        now = self._loop.time()
+        f = self._failure
+        if f is not None and f.kind == kind:
+            f.message, f.last_s, f.count = message, now, f.count + 1
+        else:
+            self._failure = ConnectFailure(kind, message, now, now)
 
     def link_frame(self, link: PeerLink, f: Frame) -> None:
         if link is self.link:
@@ -274,6 +327,17 @@ class Resource(BlockDevice):
         if link is not self.link:
             return
         self._unlink()
+        message = reason
+        if reason.startswith("peer disconnected: "):
+            kind, message = FAIL_DISCONNECTED, reason.removeprefix("peer disconnected: ")
+        elif reason.startswith("peer refused:"):
+            kind = (FAIL_SECRET if link.failure_kind == FAIL_SECRET else
+                    FAIL_TLS if link.failure_kind == FAIL_TLS else FAIL_PEER_REFUSED)
+        elif self.core.refusal and reason == self.core.refusal:
+            kind = FAIL_REFUSED  # the handshake's decision refused the peer (protocols differ)
+        else:
+            kind = FAIL_LOST
+        self.note_connect_failure(kind, message)
         self.core.link_down(reason)
 
     # --- effects: the link ------------------------------------------------------------------------
@@ -481,6 +545,10 @@ class Resource(BlockDevice):
         self.core.timer(name)
 
     def emit(self, event: Event) -> None:
+        if event.what == "connection":
+            self._conn_since_s = self._loop.time()
+            if event.old == Conn.STANDALONE.value:
+                self._failure = None  # `rblock connect`: what failed before no longer counts
         self._emit(event)
 
     # --- effects: split brain -------------------------------------------------------------------
@@ -631,12 +699,36 @@ class Resource(BlockDevice):
         return (self._past_links_sent_bytes + (link.sent_bytes if link else 0),
                 self._past_links_received_bytes + (link.received_bytes if link else 0))
 
+    def apply_settings(self, cfg: ResourceConfig) -> None:
+        """`rblock adjust`: take the RUNTIME_FIELDS of CFG, on the live link too (its next
+        ping and silence check use the new times). Any other field that differs is a bug of
+        the caller (node.py tells the user those need a restart)."""
+        for f in dataclasses.fields(cfg):
+            if f.name not in RUNTIME_FIELDS:
+                assert getattr(cfg, f.name) == getattr(self.cfg, f.name), f.name
+        self.cfg = cfg
+        self.core.settings_changed(cfg)
+        link = self.link
+        if link is not None:
+            link.ping_interval_s = cfg.ping_interval_s
+            link.peer_timeout_s = cfg.peer_timeout_s
+
     def status(self, nbd_uri: str) -> dict:
         st = self.core.status(nbd_uri)
         link = self.link
+        now = self._loop.time()
+        st["tls"] = self.cfg.tls
         for peer in st["peers"]:
             peer["sent_bytes"] = link.sent_bytes if link else 0
             peer["received_bytes"] = link.received_bytes if link else 0
+            peer["tls_version"] = link.tls_version if link is not None and link.up else None
+            peer["connection_for_s"] = round(now - self._conn_since_s, 1)
+            if self.dials is not None:
+                peer["dialer"] = self.node if self.dials else self.peer_node
+            f = self._failure
+            peer["connect_failure"] = None if f is None else {
+                "kind": f.kind, "message": f.message, "attempts": f.count,
+                "first_ago_s": round(now - f.first_s, 1), "last_ago_s": round(now - f.last_s, 1)}
         st["disk_faults"] = [w for w, on in zip(("reads", "writes", "flushes"), self._faults,
                                                 strict=True) if on] or None
         if self.lease_info is not None and st["fencing"]["mode"] == "etcd":
