@@ -34,14 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from rblock import __version__
+from rblock.config import CONFIG_ENV as CLUSTER_CONFIG_ENV  # both tools' file: rblock owns it
+from rblock.config import DEFAULT_CONFIG_PATH, ConfigSource, config_source
 
-CONFIG_ENV = "HVCTL_CONFIG"  # hvctl's own, read first (older checkouts set it)
-try:  # the cluster file both tools read, and its variable: rblock/config.py owns them
-    from rblock.config import CONFIG_ENV as CLUSTER_CONFIG_ENV  # type: ignore[attr-defined]
-    from rblock.config import DEFAULT_CONFIG_PATH  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover -- until rblock/config.py has them
-    CLUSTER_CONFIG_ENV = "RBLOCK_CONFIG"
-    DEFAULT_CONFIG_PATH = "/etc/rblock/cluster.toml"
+CONFIG_ENV = "HVCTL_CONFIG"  # hvctl's own, read before $RBLOCK_CONFIG (older setups use it)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -162,36 +158,28 @@ def _everywhere(p: argparse.ArgumentParser) -> None:
                 _everywhere(sub)
 
 
-def config_path(given: str | None) -> tuple[str, str]:
-    """The cluster file to read, and where that choice came from (for the message)."""
-    if given:
-        return given, "--config"
-    for env in (CONFIG_ENV, CLUSTER_CONFIG_ENV):
-        if os.environ.get(env):
-            return os.environ[env], f"${env}"
-    return DEFAULT_CONFIG_PATH, "the default"
-
-
-def this_node(cfg: Any) -> str | None:
-    """This host's node name: its host name, or the part before the first dot, if the
-    cluster file has a node of that name."""
-    host = socket.gethostname()
-    for name in (host, host.split(".", 1)[0]):
-        if name in cfg.cluster.nodes:
-            return name
-    return None
+def config_path(given: str | None) -> ConfigSource:
+    """The cluster file to read, and where that choice came from (for the message): as
+    rblock's `config_source`, with $HVCTL_CONFIG before $RBLOCK_CONFIG."""
+    if not given and os.environ.get(CONFIG_ENV):
+        return ConfigSource(os.environ[CONFIG_ENV], f"${CONFIG_ENV}")
+    return config_source(given)
 
 
 def _default_node(cfg: Any, args: argparse.Namespace, attr: str, flag: str) -> str | None:
-    """Fill args.ATTR with this host's node name if not given; the usage error if none."""
+    """Fill args.ATTR with this host's node name (rblock's `this_node`: the host name, or
+    its part before the first dot) if not given; the usage error if the file has no such
+    node."""
+    from rblock.config import ConfigError, this_node
+
     if getattr(args, attr, None):
         return None
-    name = this_node(cfg)
-    if name is None:
+    try:
+        setattr(args, attr, this_node(cfg.cluster))
+    except ConfigError:
         return (f"no {flag} given, and this host's name '{socket.gethostname()}' is not a "
                 f"node in {cfg.path} (nodes: {', '.join(cfg.cluster.nodes) or 'none'}); "
                 f"pass {flag} NAME")
-    setattr(args, attr, name)
     return None
 
 
@@ -215,12 +203,12 @@ def _main(args: argparse.Namespace) -> int:
     from hvctl.config import load
     from rblock.config import ConfigError
 
-    path, source = config_path(args.config)
-    if source != "--config" and not Path(path).expanduser().exists():
-        return _fail(args, f"no cluster file: {path} ({source}) does not exist; pass "
+    src = config_path(args.config)
+    if src.origin != "--config" and not Path(src.path).expanduser().exists():
+        return _fail(args, f"no cluster file: {src.path} ({src.origin}) does not exist; pass "
                      f"--config FILE or set ${CLUSTER_CONFIG_ENV}", EXIT_USAGE)
     try:
-        cfg = load(path)
+        cfg = load(src.path)
     except ConfigError as e:
         return _fail(args, str(e), EXIT_USAGE)
     command = getattr(args, "command", None)
