@@ -386,6 +386,7 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     assert len(found) > 20, "the README lost its walkthrough markers"
     env = {k: v for k, v in os.environ.items() if k not in ("RBLOCK_CONFIG", "HVCTL_CONFIG")}
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not p.endswith("/.venv/bin"))
+    env["PYTHONUNBUFFERED"] = "1"  # stdout and stderr in the order a terminal shows them
     shell = subprocess.Popen(["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=REPO, env=env, bufsize=1)
