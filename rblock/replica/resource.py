@@ -306,8 +306,9 @@ class Resource(BlockDevice):
         self.core.link_up()
 
     def link_failed(self, link: PeerLink, kind: str, reason: str) -> None:
-        """A link for this resource closed before it was up (link.py's FAIL_* kind)."""
-        self.note_connect_failure(kind, reason)
+        """A link for this resource closed before it was up (link.py's FAIL_* kind; the
+        kind already says the peer refused: the message is the peer's reason)."""
+        self.note_connect_failure(kind, reason.removeprefix("peer refused: "))
 
     def note_connect_failure(self, kind: str, message: str) -> None:
         """Connecting to the peer failed (for status). The same kind again counts one more
@@ -330,9 +331,10 @@ class Resource(BlockDevice):
         message = reason
         if reason.startswith("peer disconnected: "):
             kind, message = FAIL_DISCONNECTED, reason.removeprefix("peer disconnected: ")
-        elif reason.startswith("peer refused:"):
+        elif reason.startswith("peer refused: "):
             kind = (FAIL_SECRET if link.failure_kind == FAIL_SECRET else
                     FAIL_TLS if link.failure_kind == FAIL_TLS else FAIL_PEER_REFUSED)
+            message = reason.removeprefix("peer refused: ")
         elif self.core.refusal and reason == self.core.refusal:
             kind = FAIL_REFUSED  # the handshake's decision refused the peer (protocols differ)
         else:
