@@ -301,6 +301,12 @@ def test_refusals_and_no_ops_exit_1_and_status_says_why_not_connected(cluster):
     assert c.res("alpha")["tls"] is False
     res = code(c.rblock("beta", "status", check=False), 1)  # its daemon is not running
     assert "cannot reach the node's control API" in res.stderr and "rblock up" in res.stderr
+    res = code(c.rblock("beta", "create-md", check=False), 1)  # refused: it has metadata
+    assert "already exists" in res.stderr and "--force" in res.stderr, res.stderr
+    res = code(c.rblock("beta", "splitbrain", "export", "r0", "7", "--out", c.dir / "x.img",
+                        check=False), 1)
+    res = code(c.rblock("beta", "splitbrain", "export", "r0", check=False), 2)  # no id
+    assert "needs the snapshot's id" in res.stderr, res.stderr
 
 
 def test_adjust_applies_run_time_settings_and_names_the_rest(cluster):
