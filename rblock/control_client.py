@@ -11,6 +11,7 @@ tests/test_layering.py, holds it to that); prometheus_client's parser only when
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -95,13 +96,32 @@ class ControlClient:
         return aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s))
 
+    def _unreachable(self, e: BaseException) -> ControlError:
+        """In words: "connection refused", "no such file" (a socket not there), "timed out",
+        not aiohttp's text with a Python tuple in it."""
+        os_error = getattr(e, "os_error", None)
+        if isinstance(e, aiohttp.ContentTypeError):
+            return ControlError(f"{self.addr} answered HTTP {e.status} with something that is "
+                                "not rblock's control API; is this node's 'control' address "
+                                "right?")
+        if isinstance(os_error, OSError) and (os_error.errno or os_error.strerror):
+            why = (os.strerror(os_error.errno) if os_error.errno else
+                   str(os_error.strerror)).lower()
+        elif isinstance(e, (TimeoutError, aiohttp.ServerTimeoutError)):
+            why = "timed out"
+        elif isinstance(e, aiohttp.ServerDisconnectedError):
+            why = "the node closed the connection"
+        else:
+            why = str(e) or type(e).__name__
+        return ControlError(f"cannot reach the node's control API at {self.addr}: {why}; "
+                            f"is 'rblock up' running there?")
+
     async def status(self) -> dict:
         try:
             async with self._session() as s, s.get(self._base + "/v1/status") as resp:
                 return await resp.json()
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
-                               f"is 'rblock up' running there?") from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._unreachable(e) from None
 
     async def metrics(self) -> str:
         """The node's `GET /metrics`: Prometheus' text format (see `summarize_metrics`)."""
@@ -112,9 +132,8 @@ class ControlClient:
                                        f"/metrics with HTTP {resp.status}: is it an older "
                                        f"rblock without metrics?")
                 return await resp.text()
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
-                               f"is 'rblock up' running there?") from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._unreachable(e) from None
 
     async def action(self, resource: str, action: str, **body: Any) -> str:
         """Run ACTION; its message (also when it changed nothing: see `run`)."""
@@ -137,9 +156,8 @@ class ControlClient:
         except aiohttp.ContentTypeError:
             raise ControlError(f"the node's control API at {self.addr} does not know {path}: "
                                f"is it an older rblock? restart it") from None
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}; "
-                               f"is 'rblock up' running there?") from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._unreachable(e) from None
         if "error" in data:
             raise ControlError(data["error"], bool(data.get("config_error")))
         return data
@@ -153,6 +171,5 @@ class ControlClient:
                 async for line in resp.content:
                     if line.strip():
                         yield json.loads(line)
-        except aiohttp.ClientError as e:
-            raise ControlError(f"cannot reach the node's control API at {self.addr}: {e}") \
-                from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._unreachable(e) from None
