@@ -66,7 +66,7 @@ def main() -> int:
                                            *(s + run.BASE_SUFFIX for s in run.SERVERS
                                              if s.startswith("rblock"))])
     parser.add_argument("job", choices=[job.name for job in run.JOBS])
-    parser.add_argument("--runtime-s", type=int, default=8)
+    parser.add_argument("--runtime-s", type=float, default=8)
     parser.add_argument("--size", type=run.parse_size, default=run.parse_size("256M"))
     parser.add_argument("--base-tree", type=Path, metavar="DIR",
                         help="the checkout a NAME-base server runs from")
@@ -85,12 +85,14 @@ def main() -> int:
             pids = ([server.process.pid] if not replicated
                     else processes_mentioning(str(target)))
             if job.needs_prefill:
-                run.run_fio(run.prefill_command(server.uri, args.size), run.FIO_GRACE_S)
+                run.run_fio([*server.client_prefix, *run.prefill_command(server.uri, args.size)],
+                            run.FIO_GRACE_S)
             fio_args = argparse.Namespace(runtime_s=args.runtime_s, size=args.size)
             cpu_before = {pid: process_cpu_s(pid) for pid in pids}
             switches_before = {pid: voluntary_switches(pid) for pid in pids}
             ticks_before, start_s = machine_ticks(), time.monotonic()
-            fio_job = run.run_fio(run.fio_command(job, server.uri, fio_args),
+            fio_job = run.run_fio([*server.client_prefix,
+                                   *run.fio_command(job, server.uri, fio_args)],
                                   args.runtime_s + run.FIO_GRACE_S)
             elapsed_s, ticks_after = time.monotonic() - start_s, machine_ticks()
             cpu_after = {pid: process_cpu_s(pid) for pid in pids}

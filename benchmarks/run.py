@@ -9,6 +9,10 @@ medians over repetitions and the IOPS ratio to qemu-nbd (median of per-repetitio
     .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--servers a,b] [--jobs x,y]
                                        [--base-tree DIR]
 
+--quick is the smoke test `make test` runs (tests/test_bench_quick.py): every server and
+every job, QUICK_RUNTIME_S per run on a QUICK_SIZE image, the prefill through the measured
+server instance; it must produce every row, its figures mean little.
+
 With --base-tree, every rblock server also runs from DIR (another checkout of the project,
 say `git worktree add /tmp/base HEAD~1`) as a twin named NAME-base, alternating with the
 others: a before/after comparison of a change in one run.
@@ -17,6 +21,7 @@ Standard library only; see benchmarks/README.md.
 """
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -30,8 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +49,16 @@ from tools import etcd_local  # noqa: E402
 HOST = "127.0.0.1"
 EXPORT_NAME = "bench"
 DEFAULT_RUNTIME_S = 10
-QUICK_RUNTIME_S = 2
+QUICK_RUNTIME_S = 0.3
 DEFAULT_SIZE = "1G"
+QUICK_SIZE = "32M"
 SERVER_READY_TIMEOUT_S = 30.0
 SERVER_STOP_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 5.0
 PROBE_INTERVAL_S = 0.1
+CLUSTER_POLL_INTERVAL_S = 0.05  # status of a starting cluster (one local HTTP GET)
 FIO_GRACE_S = 120
+FIO_RUNTIME_MIN_S = 0.1
 QEMU_NBD_MAX_CLIENTS = 8
 LOG_TAIL_LINES = 15
 FIO_ERROR_CHARS = 800
@@ -60,7 +71,9 @@ BYTES_PER_MB = 1_000_000
 NS_PER_US = 1_000
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 REQUIRED_TOOLS = ("fio", "nbdinfo")
-SERVER_TOOLS = {"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit"}
+SERVER_TOOLS = {"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit", "nbdkit-python": "nbdkit"}
+# nbdkit's python plugin running this file: what a Python developer would write first.
+NBDKIT_PYTHON_PLUGIN = Path(__file__).resolve().parent / "nbdkit_file_plugin.py"
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -86,11 +99,16 @@ JOBS = (
 JOBS_BY_NAME = {job.name: job for job in JOBS}
 # rblock-c / rblock-a: a two-node replicated resource (protocol C / A) on loopback, measured
 # through the primary's NBD export; compared with "rblock" (rblock serve, no replication).
+# rblock-c-netns: rblock-c with each node in a network namespace of its own (NetHosts,
+# tools/netns_hosts.py), the peer link over a real veth pair and bridge (MTU 1500), fio in
+# alpha's namespace dialing alpha's NBD export on that namespace's loopback.
 # rblock-c-fenced: rblock-c with fencing = "etcd" (a one-member etcd started for it): the
 # steady-state cost of fencing, which touches etcd only on state changes. Not run by default.
-SERVERS = ("rblock", "qemu-nbd", "nbdkit", "rblock-c", "rblock-a", "rblock-c-fenced")
-DEFAULT_SERVERS = SERVERS[:5]
-REPLICATED = {"rblock-c": "C", "rblock-a": "A", "rblock-c-fenced": "C"}
+SERVERS = ("rblock", "qemu-nbd", "nbdkit", "nbdkit-python", "rblock-c", "rblock-a",
+           "rblock-c-netns", "rblock-c-fenced")
+DEFAULT_SERVERS = SERVERS[:7]
+REPLICATED = {"rblock-c": "C", "rblock-a": "A", "rblock-c-netns": "C", "rblock-c-fenced": "C"}
+NETNS_SERVERS = ("rblock-c-netns",)
 REPLICATED_BASELINE = "rblock"
 REPLICATED_TARGET_RATIO = 0.5
 REPLICATED_TARGET_JOBS = ("randwrite-4k-qd16", "write-1m-qd8")
@@ -156,6 +174,7 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     uri: str
+    client_prefix: list[str] = field(default_factory=list)  # run clients (fio) through this
 
 
 class BenchError(Exception):
@@ -196,12 +215,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="fio (ioengine=nbd) comparison of rblock serve, qemu-nbd and nbdkit file",
     )
-    parser.add_argument("--runtime-s", type=int, default=None,
+    parser.add_argument("--runtime-s", type=float, default=None,
                         help=f"seconds per fio run (default {DEFAULT_RUNTIME_S}, "
                              f"{QUICK_RUNTIME_S} with --quick)")
     parser.add_argument("--repeat", type=int, default=1, help="repetitions per job (default 1)")
-    parser.add_argument("--size", type=parse_size, default=parse_size(DEFAULT_SIZE),
-                        help=f"image size, e.g. 512M, 1G (default {DEFAULT_SIZE})")
+    parser.add_argument("--size", type=parse_size, default=None,
+                        help=f"image size, e.g. 512M, 1G (default {DEFAULT_SIZE}, "
+                             f"{QUICK_SIZE} with --quick)")
     parser.add_argument("--jobs", type=parse_subset([job.name for job in JOBS]),
                         default=[job.name for job in JOBS],
                         help="comma-separated subset of: " + ",".join(JOBS_BY_NAME))
@@ -212,7 +232,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="where images and server logs go (default: a temp dir, removed)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_RUNTIME_S} s per run")
+                        help=f"smoke test: {QUICK_RUNTIME_S} s per run, {QUICK_SIZE} images, "
+                             f"prefill through the measured server")
     parser.add_argument("--base-tree", type=Path, metavar="DIR",
                         help="also run each rblock server from this checkout (NAME-base), "
                              "for a before/after comparison")
@@ -226,8 +247,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         for twin in ([s, s + BASE_SUFFIX] if s.startswith("rblock") else [s])]
     if args.runtime_s is None:
         args.runtime_s = QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S
-    if args.runtime_s < 1 or args.repeat < 1:
-        parser.error("--runtime-s and --repeat must be >= 1")
+    if args.size is None:
+        args.size = parse_size(QUICK_SIZE if args.quick else DEFAULT_SIZE)
+    if args.runtime_s < FIO_RUNTIME_MIN_S or args.repeat < 1:
+        parser.error(f"--runtime-s must be >= {FIO_RUNTIME_MIN_S}, --repeat >= 1")
     return args
 
 
@@ -316,6 +339,9 @@ def server_command(server: str, image: Path, port: int) -> list[str]:
     if server == "nbdkit":
         return ["nbdkit", "-f", "-i", HOST, "-p", str(port), "-e", EXPORT_NAME,
                 "file", str(image)]
+    if server == "nbdkit-python":
+        return ["nbdkit", "-f", "-i", HOST, "-p", str(port), "-e", EXPORT_NAME,
+                "python", str(NBDKIT_PYTHON_PLUGIN), f"file={image}"]
     raise ValueError(f"unknown server {server!r}")
 
 
@@ -327,10 +353,10 @@ def log_tail(log_path: Path) -> str:
     return "(server log empty)"
 
 
-def probe_size(uri: str) -> int | None:
+def probe_size(uri: str, prefix: Sequence[str] = ()) -> int | None:
     """The export size if an NBD handshake with `uri` succeeds, else None."""
     try:
-        done = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+        done = subprocess.run([*prefix, "nbdinfo", "--size", uri], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return None
@@ -348,7 +374,7 @@ def wait_until_serving(server: RunningServer, size_bytes: int) -> None:
         if server.process.poll() is not None:
             raise BenchError(f"{server.name} exited with status {server.process.returncode} "
                              f"before serving\n    {log_tail(server.log_path)}")
-        size = probe_size(server.uri)
+        size = probe_size(server.uri, server.client_prefix)
         if size is not None:
             if size != size_bytes:
                 raise BenchError(f"{server.name} reports size {size}, expected {size_bytes}")
@@ -375,34 +401,111 @@ def stop_server(server: RunningServer) -> None:
         process.wait()
 
 
+CLUSTER_NODES = ("alpha", "beta")
+
+
 def cluster_config(directory: Path, protocol: str, size_bytes: int,
-                   etcd: str = "") -> Path:
-    ports = [free_port() for _ in range(6)]
+                   etcd: str = "", hosts: dict[str, str] | None = None) -> Path:
+    """HOSTS: node -> the address of its replication and control endpoints (its network
+    namespace's); by default every endpoint is on HOST. NBD is always on the loopback (of
+    the node's namespace): the client runs beside the primary, as QEMU does."""
+    ports = [free_port() for _ in range(3 * len(CLUSTER_NODES))]
     text = (f'[cluster]\netcd = ["{etcd}"]\n\n' if etcd else "")
     text += (f'[resource.{EXPORT_NAME}]\nsize = {size_bytes}\nprotocol = "{protocol}"\n'
             f'secret = "bench"\nresync_rate = "4G"\n')
-    for i, node in enumerate(("alpha", "beta")):
+    for i, node in enumerate(CLUSTER_NODES):
         rp, cp, np_ = ports[3 * i:3 * i + 3]
-        text += (f'[node.{node}]\nreplication = "{HOST}:{rp}"\ncontrol = "{HOST}:{cp}"\n'
-                 f'nbd = "{HOST}:{np_}"\n[node.{node}.disk]\n{EXPORT_NAME} = "{node}.img"\n')
+        address = (hosts or {}).get(node, HOST)
+        text += (f'[node.{node}]\nreplication = "{address}:{rp}"\n'
+                 f'control = "{address}:{cp}"\nnbd = "{HOST}:{np_}"\n'
+                 f'[node.{node}.disk]\n{EXPORT_NAME} = "{node}.img"\n')
     path = directory / "cluster.toml"
     path.write_text(text)
     return path
 
 
-def rblock_cli(config: Path, node: str, *args: str, server: str = "rblock") -> str:
-    done = subprocess.run([sys.executable, "-m", "rblock", args[0], "--config", str(config),
-                           "--node", node, *args[1:]], capture_output=True, text=True,
-                          cwd=tree_of(server), env=tree_env(server),
-                          timeout=SERVER_READY_TIMEOUT_S, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"rblock {' '.join(args)} on {node} failed: {done.stderr.strip()}")
-    return done.stdout
+def node_address(config: Path, node: str, key: str) -> tuple[str, int]:
+    """(host, port) of NODE's KEY ("control", "nbd", ...) in the cluster file."""
+    host, _, port = tomllib.loads(config.read_text())["node"][node][key].rpartition(":")
+    return host, int(port)
 
 
-def cluster_status(config: Path, node: str, server: str = "rblock") -> dict:
-    return json.loads(rblock_cli(config, node, "status", "--json", server=server)
-                      )["resources"][0]
+def cluster_status(config: Path, node: str) -> dict:
+    """The resource's entry of NODE's GET /v1/status (what `rblock status --json` prints),
+    asked directly: a CLI process per poll costs 0.2-0.5 s of a starting cluster's time."""
+    host, port = node_address(config, node, "control")
+    url = f"http://{host}:{port}/v1/status"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as answer:
+            return json.loads(answer.read())["resources"][0]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise BenchError(f"GET {url}: {exc}") from exc
+
+
+def promote(config: Path, node: str, force: bool) -> None:
+    """POST /v1/resources/bench/primary to NODE: what `rblock primary bench [--force]`
+    sends, without a CLI process (0.2 s) per cluster start."""
+    host, port = node_address(config, node, "control")
+    url = f"http://{host}:{port}/v1/resources/{EXPORT_NAME}/primary"
+    request = urllib.request.Request(url, data=json.dumps({"force": force}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=SERVER_READY_TIMEOUT_S) as answer:
+            json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        raise BenchError(f"{node}: primary {EXPORT_NAME} refused: "
+                         f"{exc.read().decode(errors='replace')}") from exc
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"POST {url}: {exc}") from exc
+
+
+def create_metadata(config: Path, server: str) -> None:
+    """`rblock create-md` for every node, at the same time."""
+    procs = [subprocess.Popen([sys.executable, "-m", "rblock", "create-md", "--config",
+                               str(config), "--node", node], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tree_of(server), env=tree_env(server))
+             for node in CLUSTER_NODES]
+    failures = []
+    for node, proc in zip(CLUSTER_NODES, procs, strict=True):
+        try:
+            _, stderr = proc.communicate(timeout=SERVER_READY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"rblock create-md on {node} failed: {stderr.strip()}")
+    if failures:
+        raise BenchError("; ".join(failures))
+
+
+# --------------------------------------------------------------------------- netns hosts
+
+_net_hosts = None  # the NetHosts every rblock-c-netns run shares; started on first use
+
+
+def net_hosts():
+    """One network namespace per cluster node, on a bridge (tools/netns_hosts.py), made
+    once per benchmark process and removed at its exit (stop_net_hosts, also atexit)."""
+    global _net_hosts
+    if _net_hosts is None:
+        from tools.netns_hosts import NetHosts, NetHostsError, NetHostsUnavailable
+
+        hosts = NetHosts(CLUSTER_NODES)
+        try:
+            hosts.start()
+        except (NetHostsError, NetHostsUnavailable) as exc:
+            raise BenchError(f"network namespaces: {exc}") from exc
+        _net_hosts = hosts
+        atexit.register(stop_net_hosts)
+    return _net_hosts
+
+
+def stop_net_hosts() -> None:
+    global _net_hosts
+    if _net_hosts is not None:
+        hosts, _net_hosts = _net_hosts, None
+        hosts.stop()
 
 
 @contextlib.contextmanager
@@ -413,23 +516,29 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "cluster.toml"
     fresh = not config.exists()
+    net = net_hosts() if kind_of(server) in NETNS_SERVERS else None
     etcd = None
     if kind_of(server) == "rblock-c-fenced":
         etcd, etcd_url = start_etcd(directory, log_path)
     if fresh:
         config = cluster_config(directory, REPLICATED[kind_of(server)], size_bytes,
-                                etcd_url if etcd is not None else "")
-        for node in ("alpha", "beta"):
-            rblock_cli(config, node, "create-md", server=server)
+                                etcd_url if etcd is not None else "",
+                                {n: net[n].address for n in CLUSTER_NODES} if net else None)
+        create_metadata(config, server)
     procs = []
-    with open(log_path, "ab") as log:
-        for node in ("alpha", "beta"):
+    for node in CLUSTER_NODES:
+        argv = [sys.executable, "-m", "rblock", "up", "--config", str(config), "--node", node]
+        if net is not None:
+            procs.append(net[node].popen(argv, log_path, cwd=tree_of(server),
+                                         env=tree_env(server)))
+            continue
+        with open(log_path, "ab") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "rblock", "up", "--config", str(config), "--node", node],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=tree_of(server), env=tree_env(server), start_new_session=True))
-    port = int(config.read_text().split(f'nbd = "{HOST}:')[1].split('"')[0])
-    running = RunningServer(server, procs[0], log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}")
+    _, port = node_address(config, "alpha", "nbd")
+    running = RunningServer(server, procs[0], log_path, f"nbd://{HOST}:{port}/{EXPORT_NAME}",
+                            net["alpha"].argv([]) if net is not None else [])
     peer = RunningServer(server, procs[1], log_path, "")
     try:
         deadline = time.monotonic() + CLUSTER_READY_TIMEOUT_S
@@ -443,19 +552,18 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
                     raise BenchError(f"{server}: a node exited with status {p.returncode}"
                                      f"\n    {log_tail(log_path)}")
             try:
-                st = cluster_status(config, "alpha", server)
-            except (BenchError, json.JSONDecodeError, IndexError):
-                time.sleep(PROBE_INTERVAL_S)
+                st = cluster_status(config, "alpha")
+            except BenchError:
+                time.sleep(CLUSTER_POLL_INTERVAL_S)
                 continue
             peer_st = st["peers"][0]
             if not promoted and peer_st["connection"] == "Connected":
-                rblock_cli(config, "alpha", "primary", EXPORT_NAME,
-                           *(["--force"] if fresh else []), server=server)
+                promote(config, "alpha", force=fresh)
                 promoted = True
             elif (promoted and peer_st["replication"] == "Established"
                   and peer_st["disk"] == "UpToDate"):
                 break
-            time.sleep(PROBE_INTERVAL_S)
+            time.sleep(CLUSTER_POLL_INTERVAL_S)
         wait_until_serving(running, size_bytes)
         yield running
     finally:
@@ -505,7 +613,12 @@ def serving(server: str, image: Path, log_path: Path, size_bytes: int) -> Iterat
 def fio_command(job: Job, uri: str, args: argparse.Namespace) -> list[str]:
     return ["fio", f"--name={job.name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
             f"--bs={job.block_size}", f"--iodepth={job.iodepth}", f"--size={args.size}",
-            "--time_based", f"--runtime={args.runtime_s}", "--output-format=json"]
+            "--time_based", f"--runtime={fio_runtime(args.runtime_s)}", "--output-format=json"]
+
+
+def fio_runtime(runtime_s: float) -> str:
+    """fio's --runtime: whole seconds as they are (10), else milliseconds (500ms)."""
+    return str(int(runtime_s)) if runtime_s == int(runtime_s) else f"{round(runtime_s * 1000)}ms"
 
 
 def prefill_command(uri: str, size_bytes: int) -> list[str]:
@@ -578,11 +691,15 @@ def run_one(job: Job, server: str, repetition: int, args: argparse.Namespace,
     started = time.monotonic()
     try:
         fresh_image(image, args.size)
-        if job.needs_prefill:
+        if job.needs_prefill and not args.quick:
             with serving(server, image, log_path, args.size) as running:
-                run_fio(prefill_command(running.uri, args.size), fio_timeout_s)
+                run_fio([*running.client_prefix, *prefill_command(running.uri, args.size)],
+                        fio_timeout_s)
         with serving(server, image, log_path, args.size) as running:
-            command = fio_command(job, running.uri, args)
+            if job.needs_prefill and args.quick:  # one server start fewer
+                run_fio([*running.client_prefix, *prefill_command(running.uri, args.size)],
+                        fio_timeout_s)
+            command = [*running.client_prefix, *fio_command(job, running.uri, args)]
             result.fio_command = shlex.join(command)
             fill_result(result, job, run_fio(command, fio_timeout_s))
             if running.process.poll() is not None:
@@ -799,8 +916,22 @@ def write_json(path: Path, info: dict[str, str], args: argparse.Namespace,
 
 
 def missing_tools(servers: Sequence[str]) -> list[str]:
-    tools = [*REQUIRED_TOOLS, *(SERVER_TOOLS[s] for s in servers if s in SERVER_TOOLS)]
-    return [tool for tool in tools if shutil.which(tool) is None]
+    """What SERVERS need and this machine lacks, each naming the fix."""
+    tools = dict.fromkeys([*REQUIRED_TOOLS,
+                           *(SERVER_TOOLS[s] for s in servers if s in SERVER_TOOLS)])
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if "nbdkit-python" in servers and "nbdkit" not in missing and subprocess.run(
+            ["nbdkit", "--dump-plugin", "python"], capture_output=True,
+            timeout=PROBE_TIMEOUT_S, check=False).returncode != 0:
+        missing.append("nbdkit's python plugin (Debian package nbdkit-plugin-python)")
+    if any(kind_of(s) in NETNS_SERVERS for s in servers):
+        from tools.netns_hosts import NetHostsUnavailable, check_requirements
+
+        try:
+            check_requirements()
+        except NetHostsUnavailable as exc:
+            missing.append(f"network namespaces for rblock-c-netns: {exc}")
+    return missing
 
 
 @contextlib.contextmanager
@@ -819,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_tree = args.base_tree
     missing = missing_tools(args.servers)
     if missing:
-        print(f"missing tools: {' '.join(missing)} (run `make deps`)", file=sys.stderr)
+        print(f"missing: {'; '.join(missing)} (run `make deps`)", file=sys.stderr)
         return EXIT_RUN_FAILED
     info = machine_info()
     results: list[RunResult] = []
@@ -831,6 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             print("\ninterrupted; servers stopped; partial results follow", file=sys.stderr)
+        finally:
+            stop_net_hosts()
     summaries = summarize(results, args)
     print_table(summaries, args.repeat, loopback_rtt_us())
     if args.json:
