@@ -118,13 +118,20 @@ class Controller:
                 p.unreachable[node] = str(e)
         return p
 
-    async def roles(self, resource: str) -> dict[str, dict]:
-        """node -> that node's status of RESOURCE ({} if its rblock cannot be reached)."""
+    async def roles(self, resource: str,
+                    rblock: dict[str, dict | ControlError] | None = None) -> dict[str, dict]:
+        """node -> that node's status of RESOURCE ({} if its rblock cannot be reached);
+        RBLOCK: node -> its status (or the error asking), if the caller has them already."""
         out: dict[str, dict] = {}
         for node in self.cfg.cluster.resource(resource).nodes:
-            try:
-                st = await self.control(node).status()
-            except ControlError:
+            if rblock is not None and node in rblock:
+                st = rblock[node]
+            else:
+                try:
+                    st = await self.control(node).status()
+                except ControlError as e:
+                    st = e
+            if isinstance(st, ControlError):
                 out[node] = {}
                 continue
             out[node] = next((r for r in st["resources"] if r["name"] == resource), {})
@@ -471,7 +478,8 @@ class Controller:
 
     # --- status ---------------------------------------------------------------------------------
 
-    async def guest_status(self, name: str) -> dict:
+    async def guest_status(self, name: str,
+                           rblock: dict[str, dict | ControlError] | None = None) -> dict:
         g = self.cfg.guest(name)
         p = self.locate(g)
         if len(p.active) > 1:
@@ -492,7 +500,7 @@ class Controller:
             info = parse_xml(dom.XMLDesc(0)) if dom is not None else None
         disks = []
         for r in g.disks:
-            roles = await self.roles(r)
+            roles = await self.roles(r, rblock)
             st = roles.get(where, {}) if where else {}
             uri = info.disk_uris.get(r) if info is not None else None
             disks.append({"resource": r, "nbd": uri, "role": st.get("role"),
@@ -510,8 +518,8 @@ class Controller:
                 "disks": disks, "unreachable": p.unreachable,
                 "conflict_nodes": p.active if state == "conflict" else []}
 
-    async def guest_list(self) -> list[dict]:
-        return [await self.guest_status(n) for n in self.cfg.guests]
+    async def guest_list(self, rblock: dict[str, dict | ControlError] | None = None) -> list[dict]:
+        return [await self.guest_status(n, rblock) for n in self.cfg.guests]
 
     async def node_status(self, name: str, probe: bool = False,
                           rblock: dict | ControlError | None = None) -> dict:

@@ -148,7 +148,7 @@ class Backend:
         """Everything the page shows, from one rblock status per node and one HA snapshot."""
         rblock = await self.rblock_status()
         storage = self.storage(rblock)
-        guests = await self.guests()
+        guests = await self.ctl.guest_list(rblock)
         for g in guests:
             g["safety"] = guest_safety(list(self.cfg.guest(g["name"]).disks), storage)
             g["graphics"] = getattr(self.cfg.guest(g["name"]).graphics, "type", None)
