@@ -432,8 +432,11 @@ def make_app(cfg: HvConfig, users: Users, secure: bool = False) -> web.Applicati
         async def chart() -> None:  # always, so a page opened later has the minutes before
             while True:
                 t = time.time()
-                for node, summary in (await b.metrics()).items():
-                    app[CHARTS].add(t, node, summary)
+                try:
+                    for node, summary in (await b.metrics()).items():
+                        app[CHARTS].add(t, node, summary)
+                except Exception as e:  # noqa: BLE001 -- a bad scrape costs a point, not the charts
+                    log.warning("charts: reading the nodes' counters: %s", e)
                 await asyncio.sleep(max(0.0, CHARTS_INTERVAL_S - (time.time() - t)))
 
         app[SAMPLER] = Sampler(sample, EVENTS_INTERVAL_S, lambda e: str(translate(e)))
