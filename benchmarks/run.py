@@ -104,10 +104,13 @@ JOBS_BY_NAME = {job.name: job for job in JOBS}
 # alpha's namespace dialing alpha's NBD export on that namespace's loopback.
 # rblock-c-fenced: rblock-c with fencing = "etcd" (a one-member etcd started for it): the
 # steady-state cost of fencing, which touches etcd only on state changes. Not run by default.
+# NAME-nopoll: rblock serve / rblock-c with the busy poll before sleeping off (serve
+# --idle-poll-us 0, idle_poll_us = 0 on both nodes; rblock/aio.py IdlePoller). Not default.
 SERVERS = ("rblock", "qemu-nbd", "nbdkit", "nbdkit-python", "rblock-c", "rblock-a",
-           "rblock-c-netns", "rblock-c-fenced")
+           "rblock-c-netns", "rblock-c-fenced", "rblock-nopoll", "rblock-c-nopoll")
 DEFAULT_SERVERS = SERVERS[:7]
 REPLICATED = {"rblock-c": "C", "rblock-a": "A", "rblock-c-netns": "C", "rblock-c-fenced": "C"}
+NOPOLL_SUFFIX = "-nopoll"
 NETNS_SERVERS = ("rblock-c-netns",)
 REPLICATED_BASELINE = "rblock"
 REPLICATED_TARGET_RATIO = 0.5
@@ -121,8 +124,14 @@ JOB_NAME_WIDTH = max(len(job.name) for job in JOBS)
 
 
 def kind_of(server: str) -> str:
-    """The server NAME-base is a twin of: NAME (run from another tree)."""
-    return server.removesuffix(BASE_SUFFIX)
+    """The server NAME-base is a twin of: NAME (run from another tree); for NAME-nopoll
+    (NAME without the idle poll), NAME."""
+    return server.removesuffix(BASE_SUFFIX).removesuffix(NOPOLL_SUFFIX)
+
+
+def polls(server: str) -> bool:
+    """False for NAME-nopoll: rblock with the busy poll before sleeping turned off."""
+    return not server.removesuffix(BASE_SUFFIX).endswith(NOPOLL_SUFFIX)
 
 
 def tree_of(server: str) -> Path:
@@ -331,7 +340,8 @@ def free_port() -> int:
 def server_command(server: str, image: Path, port: int) -> list[str]:
     if kind_of(server) == "rblock":
         return [sys.executable, "-m", "rblock", "serve", str(image),
-                "--listen", f"{HOST}:{port}", "--export", EXPORT_NAME]
+                "--listen", f"{HOST}:{port}", "--export", EXPORT_NAME,
+                *([] if polls(server) else ["--idle-poll-us", "0"])]
     if server == "qemu-nbd":
         # Foreground child so we know its PID; -t persistent, -e several clients.
         return ["qemu-nbd", "-f", "raw", "-t", "-e", str(QEMU_NBD_MAX_CLIENTS),
@@ -405,10 +415,12 @@ CLUSTER_NODES = ("alpha", "beta")
 
 
 def cluster_config(directory: Path, protocol: str, size_bytes: int,
-                   etcd: str = "", hosts: dict[str, str] | None = None) -> Path:
+                   etcd: str = "", hosts: dict[str, str] | None = None,
+                   idle_poll_us: int | None = None) -> Path:
     """HOSTS: node -> the address of its replication and control endpoints (its network
     namespace's); by default every endpoint is on HOST. NBD is always on the loopback (of
-    the node's namespace): the client runs beside the primary, as QEMU does."""
+    the node's namespace): the client runs beside the primary, as QEMU does. IDLE_POLL_US:
+    the nodes' idle_poll_us, if not their default."""
     ports = [free_port() for _ in range(3 * len(CLUSTER_NODES))]
     text = (f'[cluster]\netcd = ["{etcd}"]\n\n' if etcd else "")
     text += (f'[resource.{EXPORT_NAME}]\nsize = {size_bytes}\nprotocol = "{protocol}"\n'
@@ -418,7 +430,8 @@ def cluster_config(directory: Path, protocol: str, size_bytes: int,
         address = (hosts or {}).get(node, HOST)
         text += (f'[node.{node}]\nreplication = "{address}:{rp}"\n'
                  f'control = "{address}:{cp}"\nnbd = "{HOST}:{np_}"\n'
-                 f'[node.{node}.disk]\n{EXPORT_NAME} = "{node}.img"\n')
+                 + (f"idle_poll_us = {idle_poll_us}\n" if idle_poll_us is not None else "")
+                 + f'[node.{node}.disk]\n{EXPORT_NAME} = "{node}.img"\n')
     path = directory / "cluster.toml"
     path.write_text(text)
     return path
@@ -523,7 +536,8 @@ def serving_replicated(server: str, directory: Path, log_path: Path,
     if fresh:
         config = cluster_config(directory, REPLICATED[kind_of(server)], size_bytes,
                                 etcd_url if etcd is not None else "",
-                                {n: net[n].address for n in CLUSTER_NODES} if net else None)
+                                {n: net[n].address for n in CLUSTER_NODES} if net else None,
+                                None if polls(server) else 0)
         create_metadata(config, server)
     procs = []
     for node in CLUSTER_NODES:

@@ -15,9 +15,12 @@ coroutines, locks, events, `run_in_executor` and `asyncio.sleep` is fine.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from time import perf_counter_ns
+from typing import Any, Protocol
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -63,6 +66,8 @@ class SendCoalescer:
         self.prepare: Callable[[], None] | None = None
         self._pending: list[bytes | memoryview] = []
         self._scheduled = False
+        # Called after the pass's buffers went to the transport: an IdlePoller's arm().
+        self.sent: Callable[[], None] | None = None
         # Looked up once: asyncio.get_running_loop() makes a getpid() syscall on each call.
         self._loop = asyncio.get_running_loop()
 
@@ -94,6 +99,166 @@ class SendCoalescer:
         bufs, self._pending = self._pending, []
         if not self.transport.is_closing():
             self.transport.writelines(bufs)  # type: ignore[attr-defined]
+            if self.sent is not None:
+                self.sent()
 
     def discard(self) -> None:
         self._pending.clear()
+
+
+class Pollable(Protocol):
+    """What IdlePoller reads for: a BufferedProtocol that says when it may be read."""
+
+    def pollable(self) -> bool: ...
+
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
+# A poll that ends without data is a miss, one that finds data a hit; past POLL_MISSES_MAX
+# more misses than hits (with hits counted back down to zero), polling stops for
+# POLL_BACKOFF_NS: polling pays only while most polls find their data. Measured (QD1 4 KiB
+# writes, benchmarks/README.md): on an idle machine 99% of polls hit (mean wait 37 us);
+# with a busy loop on the other core 77% missed, and polling cut IOPS to a third: the
+# spinning server was now a CPU hog to the scheduler, and the client waited for a CPU.
+POLL_MISSES_MAX = 4
+POLL_BACKOFF_NS = 100_000_000
+
+
+class IdlePoller:
+    """A short busy poll before the event loop sleeps: after a pass sent something on a
+    registered socket (an NBD reply, a frame to the peer), look for the answer for up to
+    `poll_ns` before going back to the loop, which would sleep in epoll_wait.
+
+    Why (benchmarks/README.md, "QD1: where the idle wake-up goes"): on this project's VM a
+    sleeping process woken from another CPU that is idle costs 35-45 us (an IPI to a halted
+    vCPU), two of them per request at queue depth 1 when client and server run on different
+    CPUs: 9-12k IOPS instead of 27-29k when they share one. A process that is still running
+    when its answer arrives is not woken at all, and its CPU is not halted.
+
+    How: one epoll set of its own over the registered sockets (uvloop keeps its own);
+    `arm()` schedules `_spin` at the end of the pass (call_soon: after the flushes already
+    scheduled). `_spin` polls that set without blocking, yielding the CPU (sched_yield)
+    between polls so that a client waiting to run on this CPU runs, until data comes or the
+    time is up. Data is read the way the transport reads it: into the protocol's
+    `get_buffer`, then `buffer_updated`; then the loop runs again (the replies' flush, other
+    sockets, timers), so a busy socket cannot starve the loop. A protocol that may not be
+    read now (paused, closing, TLS: the bytes on its socket are not its bytes) says so in
+    `pollable()` and is skipped; an error or EOF is left to the transport, which sees it in
+    its next poll. Polls that mostly miss turn polling off for a while (POLL_MISSES_MAX).
+
+    Costs CPU: up to `poll_ns` after an exchange that is not answered at once; when that
+    keeps happening (a client with pauses between requests, a busy machine) at most
+    POLL_MISSES_MAX polls per POLL_BACKOFF_NS; a node with nothing to do spends nothing.
+    """
+
+    def __init__(self, poll_ns: int):
+        assert poll_ns > 0
+        self.poll_ns = poll_ns
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, Pollable] = {}
+        self._armed = False
+        self._misses = 0  # misses less hits, at least 0
+        self._off_until_ns = 0  # polling backed off until then
+        self.hits = self.misses = self.backoffs = 0  # what it did, for tests and benchmarks
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, fd: int, endpoint: Pollable) -> None:
+        """Poll FD for ENDPOINT. A closed socket leaves the epoll set by itself (and its
+        number may come back for a new one before its protocol has heard of the close)."""
+        self._by_fd.pop(fd, None)
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._epoll.modify(fd, select.EPOLLIN)
+        self._by_fd[fd] = endpoint
+
+    def remove(self, fd: int, endpoint: Pollable | None = None) -> None:
+        """Stop polling FD (only if it is still ENDPOINT's, when given)."""
+        if fd in self._by_fd and (endpoint is None or self._by_fd[fd] is endpoint):
+            del self._by_fd[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # closed already: it left the set then
+                pass
+
+    def arm(self) -> None:
+        """Something was sent: poll for the answer at the end of this pass."""
+        if self._armed:
+            return
+        if self._off_until_ns and perf_counter_ns() < self._off_until_ns:
+            return
+        self._armed = True
+        self._loop.call_soon(self._spin)
+
+    def close(self) -> None:
+        self._by_fd.clear()
+        self._epoll.close()
+
+    def _spin(self) -> None:
+        self._armed = False
+        deadline_ns = perf_counter_ns() + self.poll_ns
+        poll = self._epoll.poll
+        by_fd = self._by_fd
+        while True:
+            got = False
+            for fd, _events in poll(0):
+                endpoint = by_fd.get(fd)
+                if endpoint is None or not endpoint.pollable():
+                    continue
+                try:
+                    n = os.readv(fd, [endpoint.get_buffer(-1)])
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.remove(fd)  # the transport reports it
+                    continue
+                if n == 0:
+                    self.remove(fd)  # EOF: the transport reads it again
+                    continue
+                endpoint.buffer_updated(n)
+                got = True
+            if got:
+                self.hits += 1
+                if self._misses:
+                    self._misses -= 1
+                return
+            if perf_counter_ns() >= deadline_ns:
+                self.misses += 1
+                self._misses += 1
+                if self._misses > POLL_MISSES_MAX:
+                    self._misses = 0
+                    self.backoffs += 1
+                    self._off_until_ns = perf_counter_ns() + POLL_BACKOFF_NS
+                return
+            os.sched_yield()
+
+
+# The process's poll time (configure_idle_poll) and each loop's poller (one loop per daemon).
+_idle_poll_ns = 0
+_pollers: dict[asyncio.AbstractEventLoop, IdlePoller] = {}
+
+
+def configure_idle_poll(poll_ns: int) -> None:
+    """Busy-poll up to POLL_NS before sleeping (0: never): `rblock serve --idle-poll-us`,
+    a node's `idle_poll_us`. For connections made after the call."""
+    global _idle_poll_ns
+    assert poll_ns >= 0
+    _idle_poll_ns = poll_ns
+
+
+def idle_poller() -> IdlePoller | None:
+    """The running loop's IdlePoller, made on first use; None when polling is off."""
+    if not _idle_poll_ns:
+        return None
+    loop = asyncio.get_running_loop()
+    poller = _pollers.get(loop)
+    if poller is None:
+        for old in _pollers.values():  # an earlier loop's (tests run several): it is done
+            old.close()
+        _pollers.clear()
+        poller = _pollers[loop] = IdlePoller(_idle_poll_ns)
+    elif poller.poll_ns != _idle_poll_ns:
+        poller.poll_ns = _idle_poll_ns
+    return poller

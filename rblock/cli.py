@@ -116,6 +116,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                                                      "to (clients then need one)")
     sp.add_argument("--tls", choices=["require", "allow"],
                     help="with a certificate: require TLS (default) or allow plain clients")
+    sp.add_argument("--idle-poll-us", type=int, default=None, metavar="US",
+                    help="after a reply, wait up to US microseconds for the next request "
+                         "without sleeping (0: off; default: a node's idle_poll_us default)")
     sp.set_defaults(func=_cmd_serve)
 
 
@@ -295,6 +298,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _usage("TLS needs both --tls-cert and --tls-key")
     if (args.tls or args.tls_ca) and not args.tls_cert:
         return _usage("--tls and --tls-ca need --tls-cert and --tls-key")
+    from rblock.config import IDLE_POLL_US_DEFAULT, IDLE_POLL_US_MAX
+
+    poll_us = IDLE_POLL_US_DEFAULT if args.idle_poll_us is None else args.idle_poll_us
+    if not 0 <= poll_us <= IDLE_POLL_US_MAX:
+        return _usage(f"--idle-poll-us {poll_us}: give 0 (off) to {IDLE_POLL_US_MAX}")
     tls_mode = TLSMode.OFF
     if args.tls_cert:
         tls_mode = TLSMode(args.tls or "require")
@@ -306,7 +314,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(ServeOptions(
         images=specs, host=host, port=port, socket_path=args.socket, read_only=args.read_only,
         create_size_bytes=args.size if args.create else None, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_ca=args.tls_ca, tls_mode=tls_mode,
+        tls_key=args.tls_key, tls_ca=args.tls_ca, tls_mode=tls_mode, idle_poll_us=poll_us,
     ))
 
 

@@ -62,6 +62,12 @@ AL_EXTENTS_DEFAULT = 1237  # DRBD's default al-extents: 4.8 GiB of 4 MiB extents
 AL_EXTENTS_MIN = 16  # a 32 MiB write (the NBD maximum) touches up to 9 extents at once
 AL_EXTENTS_MAX = 2042  # what one activity-log slot holds
 RESYNC_RATE_DEFAULT = "200M"
+# [node.NAME] idle_poll_us (and rblock serve --idle-poll-us): after a reply or a frame to
+# the peer, wait this long for the answer without sleeping (rblock/aio.py, IdlePoller); 0
+# turns it off. 100 us by measurement (benchmarks/README.md, "QD1: where the idle wake-up
+# goes"): 4k writes at queue depth 1 1.6-1.7x, replicated 2.2x; 50-200 us served alike.
+IDLE_POLL_US_DEFAULT = 100
+IDLE_POLL_US_MAX = 10_000
 META_SUFFIX = ".meta"
 
 # The cluster file of both tools (rblock and hvctl): --config, else $RBLOCK_CONFIG, else this.
@@ -105,7 +111,8 @@ RESOURCE_KEYS = (
     "connect_retry_max_s", "resync_rate", "tls", "ack_timeout_s", "al_extents",
     "fencing", "on_no_quorum", "after_sb_0pri", "after_sb_1pri",
 )
-NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS)
+NODE_KEYS = ("replication", "control", "nbd", "libvirt", "disk", "meta", *TLS_KEYS,
+             "idle_poll_us")
 ADDRESS_KEYS = ("replication", "control", "nbd")
 
 # Names become NBD export names, URL path segments of the control API and file names, and
@@ -151,6 +158,7 @@ class NodeConfig:
     disks: dict[str, Path]  # resource name -> backing disk (absolute)
     metas: dict[str, Path]  # resource name -> metadata file (absolute), one per disk
     tls: NodeTLS | None = None  # peer-link TLS files; None: this node has none
+    idle_poll_us: int = IDLE_POLL_US_DEFAULT  # busy poll before sleeping; 0: off
 
     @property
     def diskless(self) -> bool:
@@ -316,6 +324,7 @@ def effective(cfg: ClusterConfig, node: str, hide_secrets: bool = True) -> dict[
                 t["libvirt"] = n.libvirt
             if n.tls is not None:
                 t.update(tls_cert=str(n.tls.cert), tls_key=str(n.tls.key), tls_ca=str(n.tls.ca))
+            t["idle_poll_us"] = n.idle_poll_us
             t["disk"] = {r: str(p) for r, p in n.disks.items()}
             t["meta"] = {r: str(p) for r, p in n.metas.items()}
         out["nodes"][n.name] = t
@@ -591,8 +600,14 @@ class _Loader:
                                 f"(disks: {_names(disks)}); add [{key}.disk] {r} = \"...\" "
                                 "or remove this line")
         metas = {r: metas.get(r, Path(str(p) + META_SUFFIX)) for r, p in disks.items()}
+        poll_us = t.get("idle_poll_us", IDLE_POLL_US_DEFAULT)
+        if (not isinstance(poll_us, int) or isinstance(poll_us, bool)
+                or not 0 <= poll_us <= IDLE_POLL_US_MAX):
+            raise self.fail(f"{key}.idle_poll_us", f"{_show(poll_us)} is not a whole number "
+                            f"of microseconds from 0 (off) to {IDLE_POLL_US_MAX}; set "
+                            f"idle_poll_us = {IDLE_POLL_US_DEFAULT}")
         return NodeConfig(name=name, libvirt=libvirt, disks=disks, metas=metas,
-                          tls=self.node_tls(name, t), **addresses)
+                          tls=self.node_tls(name, t), idle_poll_us=poll_us, **addresses)
 
     def node_tls(self, name: str, t: dict[str, Any]) -> NodeTLS | None:
         key = f"node.{name}"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rblock import tls_files
+from rblock.aio import configure_idle_poll
 from rblock.config import (
     RUNTIME_KEYS,
     SECRET_HIDDEN,
@@ -357,6 +358,7 @@ class Node:
     # --- run ---------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        configure_idle_poll(self.me.idle_poll_us * 1000)  # before any NBD client or link
         self.tls = self._load_tls()
         if self.cfg.etcd is not None and any(r.fencing == "etcd"
                                              for r in self.cfg.resources_of(self.name)):

@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rblock.aio import configure_idle_poll
+from rblock.config import IDLE_POLL_US_DEFAULT
 from rblock.nbd.handshake import TLSMode
 from rblock.nbd.server import Export, ExportCatalog, NBDServer
 from rblock.runner import run_async
@@ -49,6 +51,7 @@ class ServeOptions:
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_mode: TLSMode = TLSMode.OFF
+    idle_poll_us: int = IDLE_POLL_US_DEFAULT  # rblock/aio.py IdlePoller; 0: off
 
 
 EXIT_FAILED, EXIT_USAGE = 1, 2  # rblock/cli.py's exit codes
@@ -146,6 +149,7 @@ def uri_for(name: str, opts: ServeOptions, host: str, port: int) -> str:
 
 
 async def serve(opts: ServeOptions) -> int:
+    configure_idle_poll(opts.idle_poll_us * 1000)
     catalog = ExportCatalog()
     volumes = []
     try:

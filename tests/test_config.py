@@ -394,7 +394,7 @@ ERRORS = [
     ("resource key typo", _set(f"{R}.protocl", "A"), f"{R}.protocl: unknown key",
      "did you mean 'protocol'"),
     ("node key typo", _set(f"{A}.replicaton", "127.0.0.1:1"), f"{A}.replicaton: unknown key",
-     "valid keys: replication, control, nbd, libvirt, disk, meta, tls_cert, tls_key, tls_ca"),
+     "valid keys: replication, control, nbd, libvirt, disk, meta, tls_cert, tls_key, tls_ca, idle_poll_us"),
     ("missing size", _set(f"{R}.size", None), f"{R}.size: missing", "add size ="),
     ("missing secret", _set(f"{R}.secret", None), f"{R}.secret: missing", "add secret ="),
     ("empty secret", _set(f"{R}.secret", ""), f"{R}.secret: '' is not a non-empty", "set secret"),

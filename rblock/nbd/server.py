@@ -34,7 +34,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rblock.aio import SendCoalescer, run_eager
+from rblock.aio import IdlePoller, SendCoalescer, idle_poller, run_eager
 from rblock.arena import Arena
 from rblock.nbd import proto as p
 from rblock.nbd.handshake import (
@@ -267,6 +267,8 @@ class Connection(asyncio.BufferedProtocol):
         self._run_arrived_ns = -1
         self._run_replies = 0
         self._runs: list[tuple[OpStats, int, int]] = []
+        self._poller: IdlePoller | None = None  # polls our socket before the loop sleeps
+        self._fd = -1
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -295,6 +297,10 @@ class Connection(asyncio.BufferedProtocol):
         self._count_replies()
         if self._out is not None:
             self._out.prepare = None  # a cycle (coalescer -> this method -> connection)
+            self._out.sent = None
+        if self._poller is not None:
+            self._poller.remove(self._fd, self)
+            self._poller = None
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "client closed")
         where = f" export '{self.export_name}' ({self._mode})" if self.export_name else ""
         # The one log line per connection: who, what, how it ended.
@@ -391,7 +397,17 @@ class Connection(asyncio.BufferedProtocol):
             ", TLS" if ev.tls else "")
         log.debug("conn %d %s export '%s' (%s)", self.id, self.peer, export.name, self._mode)
         self._arena.reset_with(ev.rest)
+        poller = idle_poller()
+        sock = self.transport.get_extra_info("socket")
+        if poller is not None and not ev.tls and sock is not None:
+            self._poller, self._fd = poller, sock.fileno()
+            poller.add(self._fd, self)
+            self._out.sent = poller.arm
         self._process()
+
+    def pollable(self) -> bool:
+        """IdlePoller may read our socket: transmitting, not paused, not closing."""
+        return self._reading and not self._disconnecting and self.transport is not None
 
     # --- transmission phase -----------------------------------------------------------------
 

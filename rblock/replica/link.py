@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from rblock.aio import SendCoalescer
+from rblock.aio import IdlePoller, SendCoalescer, idle_poller
 from rblock.arena import Arena
 from rblock.replica import wire
 from rblock.replica.wire import Frame, LinkError, T
@@ -151,6 +151,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._owner_frame: Callable[[PeerLink, Frame], None] | None = None
         self.transport: asyncio.Transport | None = None
         self._out: SendCoalescer | None = None
+        self._poller: IdlePoller | None = None  # polls our socket before the loop sleeps
+        self._fd = -1
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self._arena = Arena()
@@ -214,7 +216,11 @@ class PeerLink(asyncio.BufferedProtocol):
         # GC would free, and with it the arena (up to 32 MiB), long after the close.
         if self._out is not None:
             self._out.prepare = None
+            self._out.sent = None
             self._out.discard()
+        if self._poller is not None:
+            self._poller.remove(self._fd, self)
+            self._poller = None
         self._ack_runs = []
         self._arena = Arena(0)  # payload views still in use keep their buffer alive
         closed_by_peer = not self.close_reason
@@ -423,8 +429,19 @@ class PeerLink(asyncio.BufferedProtocol):
             log.info("link %s with %s: %s (%s), peer certificate %s", self.resource,
                      self.peer_node, self.tls_version, cipher[0] if cipher else "?",
                      _cert_name(peercert))
+        poller = idle_poller()
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if (poller is not None and self.tls_version is None and sock is not None
+                and self._out is not None):
+            self._poller, self._fd = poller, sock.fileno()
+            poller.add(self._fd, self)
+            self._out.sent = poller.arm
         assert self.owner is not None
         self.owner.link_up(self)
+
+    def pollable(self) -> bool:
+        """IdlePoller may read our socket: up and reading."""
+        return self._reading and self.phase is _UP and self.transport is not None
 
     def _owner_size(self) -> int:
         return int(getattr(self.owner, "size_bytes", -1))
