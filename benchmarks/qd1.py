@@ -15,12 +15,15 @@ fio's mean latency (`lat`, submission to completion: at QD1 the round trip), and
 - `sleeps`, `preempted`: the server process's voluntary and involuntary context switches
   (1 sleep per I/O: it slept in epoll_wait between requests; about 0: it found the next
   request waiting, or polled for it);
-- `server us`: the server process's CPU (user + system) per I/O.
+- `server us`: the server process's CPU (user + system) per I/O;
+- `CPU pressure`: the share of the run's time some task of the machine waited for a CPU
+  (PSI "some", /proc/pressure/cpu).
 
 --pin same|apart: fio and the server on one CPU (taskset, CPU 1 both) or on two (fio on 0,
 the server on 1); none (default) leaves placement to the scheduler, as run.py does. Pinning
 applies to single-process servers only. --busy: a busy loop (`while True: pass`) runs
-meanwhile, unpinned: the "loaded" machine. Linux only; standard library only.
+meanwhile, unpinned: the "loaded" machine; --bursty N: N processes busy 2 ms, asleep 2 ms
+in turn (a test suite running beside). Linux only; standard library only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +43,15 @@ import run  # noqa: E402 -- the benchmark's own server and fio helpers
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 IMAGE_BYTES = 256 << 20
 PIN_CPUS = {"same": ("1", "1"), "apart": ("0", "1")}  # (fio, server)
+# --bursty: what a test suite's processes look like to the scheduler, roughly
+BURSTY_LOAD = """
+import time
+while True:
+    end = time.perf_counter() + 0.002
+    while time.perf_counter() < end:
+        pass
+    time.sleep(0.002)
+"""
 
 
 def machine_irqs() -> dict[str, int]:
@@ -48,6 +61,14 @@ def machine_irqs() -> dict[str, int]:
         if fields and fields[0] in ("RES:", "CAL:"):
             counts[fields[0][:-1]] = sum(int(f) for f in fields[1:] if f.isdigit())
     return counts
+
+
+def cpu_pressure_us() -> int:
+    """Microseconds some task waited for a CPU, so far (PSI, /proc/pressure/cpu)."""
+    try:
+        return int(Path("/proc/pressure/cpu").read_text().split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def process_counters(pid: int) -> dict[str, float]:
@@ -80,7 +101,9 @@ def one_run(server: str, job: run.Job, args: argparse.Namespace) -> dict[str, fl
                                    capture_output=True, check=True)
                 command = ["taskset", "-c", fio_cpu, *command]
             before, irqs_before = process_counters(pid), machine_irqs()
+            psi_before, start = cpu_pressure_us(), time.monotonic()
             fio_job = run.run_fio(command, args.runtime_s + run.FIO_GRACE_S)
+            psi_after, elapsed_s = cpu_pressure_us(), time.monotonic() - start
             after, irqs_after = process_counters(pid), machine_irqs()
     section = fio_job[job.section]
     ios = section["total_ios"]
@@ -91,6 +114,7 @@ def one_run(server: str, job: run.Job, args: argparse.Namespace) -> dict[str, fl
         "sleeps": (after["vol"] - before["vol"]) / ios,
         "preempted": (after["invol"] - before["invol"]) / ios,
         "server_us": (after["cpu"] - before["cpu"]) / ios * 1e6,
+        "psi": (psi_after - psi_before) / elapsed_s / 1e6,
     }
 
 
@@ -98,7 +122,7 @@ def describe(figures: dict[str, float]) -> str:
     return (f"{figures['iops']:8.0f} IOPS  lat {figures['lat_us']:6.1f} us  per I/O: "
             f"CAL {figures['CAL']:.2f} RES {figures['RES']:.2f} sleeps "
             f"{figures['sleeps']:.2f} preempted {figures['preempted']:.2f} server "
-            f"{figures['server_us']:.1f} us")
+            f"{figures['server_us']:.1f} us; CPU pressure {figures['psi']:.0%}")
 
 
 def main() -> int:
@@ -110,15 +134,18 @@ def main() -> int:
     parser.add_argument("--job", choices=list(run.JOBS_BY_NAME), default="randwrite-4k-qd1")
     parser.add_argument("--pin", choices=["none", "same", "apart"], default="none")
     parser.add_argument("--busy", action="store_true", help="a busy loop runs meanwhile")
+    parser.add_argument("--bursty", type=int, default=0, metavar="N",
+                        help="N processes run meanwhile, each busy 2 ms, asleep 2 ms, ...")
     parser.add_argument("--base-tree", type=Path, metavar="DIR")
     args = parser.parse_args()
     run.base_tree = args.base_tree.resolve() if args.base_tree is not None else None
     job = run.JOBS_BY_NAME[args.job]
     results: dict[str, list[dict[str, float]]] = {s: [] for s in args.servers}
     print(f"{args.job}, {args.runtime_s:g} s runs, pin {args.pin}, busy loop "
-          f"{'on' if args.busy else 'off'}, loadavg {os.getloadavg()[0]:.2f}", flush=True)
-    busy = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            if args.busy else None)
+          f"{'on' if args.busy else 'off'}, {args.bursty} bursty loads, loadavg "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    loads = [subprocess.Popen([sys.executable, "-c", "while True: pass"])] if args.busy else []
+    loads += [subprocess.Popen([sys.executable, "-c", BURSTY_LOAD]) for _ in range(args.bursty)]
     try:
         for repetition in range(args.repeat):
             for server in run.server_order(args.servers, repetition):
@@ -126,9 +153,9 @@ def main() -> int:
                 results[server].append(figures)
                 print(f"rep {repetition + 1} {server:16s} {describe(figures)}", flush=True)
     finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
+        for load in loads:
+            load.kill()
+            load.wait()
         run.stop_net_hosts()
     print(f"medians of {args.repeat}, loadavg {os.getloadavg()[0]:.2f}:")
     for server, runs in results.items():

@@ -124,6 +124,20 @@ class Pollable(Protocol):
 # spinning server was now a CPU hog to the scheduler, and the client waited for a CPU.
 POLL_MISSES_MAX = 4
 POLL_BACKOFF_NS = 100_000_000
+# No polling while the machine's CPUs are contended: when, over the last
+# POLL_PRESSURE_PERIOD_NS, other tasks waited for a CPU more than POLL_PRESSURE_MAX of the
+# time (PSI, /proc/pressure/cpu "some", read once per period, less the time this process
+# itself waited after a sched_yield that let another task run: longer than
+# POLL_YIELD_OTHER_NS). Then no CPU is idle, a wake-up costs no halted vCPU, and a spinning
+# process (never asleep) loses the scheduler's preference for tasks that sleep. Measured
+# (benchmarks/README.md): with two processes beside, busy 2 ms, asleep 2 ms in turn (PSI
+# 37-43%), polling without this cut rblock serve's QD1 IOPS to 0.76x; on the idle machine
+# PSI was 3-4% with rblock serve polling, and about 10% (less its own yields) for the
+# primary of a replicated pair polling: the secondary's yields to fio and to it.
+POLL_PRESSURE_PERIOD_NS = 100_000_000
+POLL_PRESSURE_MAX = 0.20
+POLL_YIELD_OTHER_NS = 5_000
+PRESSURE_PATH = "/proc/pressure/cpu"
 
 
 class IdlePoller:
@@ -146,14 +160,16 @@ class IdlePoller:
     sockets, timers), so a busy socket cannot starve the loop. A protocol that may not be
     read now (paused, closing, TLS: the bytes on its socket are not its bytes) says so in
     `pollable()` and is skipped; an error or EOF is left to the transport, which sees it in
-    its next poll. Polls that mostly miss turn polling off for a while (POLL_MISSES_MAX).
+    its next poll. Polls that mostly miss turn polling off for a while (POLL_MISSES_MAX),
+    and so does a machine whose CPUs are contended (POLL_PRESSURE_MAX).
 
     Costs CPU: up to `poll_ns` after an exchange that is not answered at once; when that
     keeps happening (a client with pauses between requests, a busy machine) at most
     POLL_MISSES_MAX polls per POLL_BACKOFF_NS; a node with nothing to do spends nothing.
     """
 
-    def __init__(self, poll_ns: int):
+    def __init__(self, poll_ns: int, pressure_path: str | None = PRESSURE_PATH):
+        """PRESSURE_PATH: where PSI's CPU pressure is read (None: not at all)."""
         assert poll_ns > 0
         self.poll_ns = poll_ns
         self._epoll = select.epoll()
@@ -161,8 +177,17 @@ class IdlePoller:
         self._armed = False
         self._misses = 0  # misses less hits, at least 0
         self._off_until_ns = 0  # polling backed off until then
-        self.hits = self.misses = self.backoffs = 0  # what it did, for tests and benchmarks
+        self.hits = self.misses = self.backoffs = self.pressured = 0  # for tests, benchmarks
         self._loop = asyncio.get_running_loop()
+        try:
+            self._pressure_fd = (-1 if pressure_path is None else
+                                 os.open(pressure_path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:  # no PSI (kernel without it, psi=0): only the misses decide
+            self._pressure_fd = -1
+        self._pressure_next_ns = 0  # when to read it again
+        self._pressure_us = self._cpu_pressure_us()
+        self._pressure_at_ns = perf_counter_ns()
+        self._yield_wait_ns = 0  # waited after yields this period (our own share of PSI)
 
     def add(self, fd: int, endpoint: Pollable) -> None:
         """Poll FD for ENDPOINT. A closed socket leaves the epoll set by itself (and its
@@ -187,14 +212,43 @@ class IdlePoller:
         """Something was sent: poll for the answer at the end of this pass."""
         if self._armed:
             return
-        if self._off_until_ns and perf_counter_ns() < self._off_until_ns:
+        now_ns = perf_counter_ns()
+        if now_ns >= self._pressure_next_ns:
+            self._check_pressure(now_ns)
+        if now_ns < self._off_until_ns:
             return
         self._armed = True
         self._loop.call_soon(self._spin)
 
+    def _cpu_pressure_us(self) -> int:
+        """PSI's total of microseconds some task waited for a CPU; 0 without PSI."""
+        if self._pressure_fd < 0:
+            return 0
+        try:
+            text = os.pread(self._pressure_fd, 256, 0)
+            return int(text.split(b"total=", 1)[1].split(None, 1)[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def _check_pressure(self, now_ns: int) -> None:
+        self._pressure_next_ns = now_ns + POLL_PRESSURE_PERIOD_NS
+        if self._pressure_fd < 0:
+            return
+        total_us = self._cpu_pressure_us()
+        others_ns = (total_us - self._pressure_us) * 1000 - self._yield_wait_ns
+        share = others_ns / max(1, now_ns - self._pressure_at_ns)
+        self._pressure_us, self._pressure_at_ns = total_us, now_ns
+        self._yield_wait_ns = 0
+        if share > POLL_PRESSURE_MAX:
+            self.pressured += 1
+            self._off_until_ns = max(self._off_until_ns, self._pressure_next_ns)
+
     def close(self) -> None:
         self._by_fd.clear()
         self._epoll.close()
+        if self._pressure_fd >= 0:
+            os.close(self._pressure_fd)
+            self._pressure_fd = -1
 
     def _spin(self) -> None:
         self._armed = False
@@ -224,15 +278,19 @@ class IdlePoller:
                 if self._misses:
                     self._misses -= 1
                 return
-            if perf_counter_ns() >= deadline_ns:
+            now_ns = perf_counter_ns()
+            if now_ns >= deadline_ns:
                 self.misses += 1
                 self._misses += 1
                 if self._misses > POLL_MISSES_MAX:
                     self._misses = 0
                     self.backoffs += 1
-                    self._off_until_ns = perf_counter_ns() + POLL_BACKOFF_NS
+                    self._off_until_ns = now_ns + POLL_BACKOFF_NS
                 return
             os.sched_yield()
+            yielded_ns = perf_counter_ns() - now_ns
+            if yielded_ns > POLL_YIELD_OTHER_NS:
+                self._yield_wait_ns += yielded_ns
 
 
 # The process's poll time (configure_idle_poll) and each loop's poller (one loop per daemon).

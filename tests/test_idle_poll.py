@@ -43,7 +43,7 @@ def run(coro):
 
 def test_poller_reads_the_answer_into_the_protocol_before_the_loop_sleeps():
     async def main():
-        poller = aio.IdlePoller(POLL_NS)
+        poller = aio.IdlePoller(POLL_NS, pressure_path=None)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         end = Endpoint()
@@ -80,7 +80,7 @@ def test_poller_reads_the_answer_into_the_protocol_before_the_loop_sleeps():
 
 def test_polls_that_mostly_miss_turn_polling_off_for_a_while():
     async def main():
-        poller = aio.IdlePoller(10_000)  # 10 us: misses are quick
+        poller = aio.IdlePoller(10_000, pressure_path=None)  # 10 us: misses are quick
         ours, theirs = socket.socketpair()
         poller.add(ours.fileno(), Endpoint())
         try:
@@ -113,9 +113,43 @@ def test_polls_that_mostly_miss_turn_polling_off_for_a_while():
     run(main())
 
 
+def test_no_polling_while_the_cpus_are_contended(tmp_path):
+    """PSI's CPU pressure over the last period above POLL_PRESSURE_MAX: no polling until
+    the next period."""
+    psi = tmp_path / "cpu"
+    total_us = [1_000_000]
+
+    def write_psi() -> None:
+        psi.write_text(f"some avg10=0.00 avg60=0.00 avg300=0.00 total={total_us[0]}\n"
+                       "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+
+    async def main():
+        write_psi()
+        poller = aio.IdlePoller(10_000, pressure_path=str(psi))
+        try:
+            period_ns = aio.POLL_PRESSURE_PERIOD_NS
+            # a period in which tasks waited for a CPU half the time
+            total_us[0] += period_ns // 2000
+            write_psi()
+            poller._pressure_at_ns -= period_ns
+            poller._pressure_next_ns = 0
+            poller.arm()
+            assert not poller._armed and poller.pressured == 1
+            # the next period was calm: polling again
+            poller._pressure_at_ns -= period_ns
+            poller._pressure_next_ns = poller._off_until_ns = 0
+            poller.arm()
+            assert poller._armed and poller.pressured == 1
+            await asyncio.sleep(0)
+        finally:
+            poller.close()
+
+    run(main())
+
+
 def test_a_closed_sockets_number_may_come_back_for_a_new_one():
     async def main():
-        poller = aio.IdlePoller(POLL_NS)
+        poller = aio.IdlePoller(POLL_NS, pressure_path=None)
         a, b = socket.socketpair()
         first = Endpoint()
         fd = a.fileno()
