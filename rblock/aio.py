@@ -66,6 +66,7 @@ class SendCoalescer:
         self.prepare: Callable[[], None] | None = None
         self._pending: list[bytes | memoryview] = []
         self._scheduled = False
+        self.writes = 0  # write/write_one calls since the last flush (a protocol may cap it)
         # Called after the pass's buffers went to the transport: an IdlePoller's arm().
         self.sent: Callable[[], None] | None = None
         # Looked up once: asyncio.get_running_loop() makes a getpid() syscall on each call.
@@ -73,6 +74,7 @@ class SendCoalescer:
 
     def write(self, bufs: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> None:
         self._pending.extend(bufs)
+        self.writes += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
@@ -80,6 +82,7 @@ class SendCoalescer:
     def write_one(self, buf: bytes | memoryview) -> None:
         """`write` of one buffer (no list or tuple to build)."""
         self._pending.append(buf)
+        self.writes += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
@@ -94,6 +97,7 @@ class SendCoalescer:
         if self.prepare is not None:
             self.prepare()  # its writes join this flush: _scheduled is still set
         self._scheduled = False
+        self.writes = 0
         if not self._pending:
             return
         bufs, self._pending = self._pending, []
