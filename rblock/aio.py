@@ -67,6 +67,7 @@ class SendCoalescer:
         self._pending: list[bytes | memoryview] = []
         self._scheduled = False
         self.writes = 0  # write/write_one calls since the last flush (a protocol may cap it)
+        self.flushed_writes = 0  # ... and in the last flush
         # Called after the pass's buffers went to the transport: an IdlePoller's arm().
         self.sent: Callable[[], None] | None = None
         # Looked up once: asyncio.get_running_loop() makes a getpid() syscall on each call.
@@ -97,7 +98,7 @@ class SendCoalescer:
         if self.prepare is not None:
             self.prepare()  # its writes join this flush: _scheduled is still set
         self._scheduled = False
-        self.writes = 0
+        self.flushed_writes, self.writes = self.writes, 0
         if not self._pending:
             return
         bufs, self._pending = self._pending, []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import sys
 
@@ -228,3 +229,54 @@ def test_serve_idle_poll_us_option(tmp_path, rblock_serve, image):
                           "--idle-poll-us", "-1"], capture_output=True, text=True, cwd=REPO,
                          timeout=60)
     assert bad.returncode == 2 and "--idle-poll-us -1: give 0 (off) to" in bad.stderr
+
+
+def test_an_nbd_connection_polls_after_a_lone_reply_not_after_a_batch(tmp_path):
+    """rblock/nbd/server.py POLL_AFTER_REPLIES_MAX: a client waiting for each reply gets the
+    poll; a pass that answered a batch (a client keeping its queue full) does not poll."""
+    from rblock.nbd.server import POLL_AFTER_REPLIES_MAX, Export, ExportCatalog, NBDServer
+    from rblock.store.volume import FileVolume
+    from tests.conftest import make_image
+    from tests.nbdwire import CMD_WRITE, Raw
+
+    batch = 4 * POLL_AFTER_REPLIES_MAX
+
+    async def main():
+        aio.configure_idle_poll(POLL_NS)
+        poller = aio._pollers[asyncio.get_running_loop()] = aio.IdlePoller(
+            POLL_NS, pressure_path=None)  # no CPU-pressure pause on a busy test machine
+        vol = FileVolume(str(make_image(tmp_path / "d.img", 1 << 20)))
+        catalog = ExportCatalog()
+        catalog.add(Export("d", vol))
+        server = NBDServer(catalog)
+        host, port = await server.listen_tcp("127.0.0.1", 0)
+        polls: list[int] = []
+
+        def client() -> None:
+            import time
+            with Raw(f"nbd://{host}:{port}/d") as c:
+                c.start()
+                c.go("d")
+                time.sleep(0.05)
+                polls.append(poller.hits + poller.misses)
+                c.request(CMD_WRITE, 0, 512, handle=1, payload=b"a" * 512)
+                assert c.simple_reply() == (0, 1)
+                time.sleep(0.05)  # the poll after that reply ends (a miss)
+                polls.append(poller.hits + poller.misses)
+                c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, h, h * 512,
+                                            512) + b"b" * 512 for h in range(2, batch + 2)))
+                for h in range(2, batch + 2):
+                    assert c.simple_reply() == (0, h)
+                time.sleep(0.05)
+                polls.append(poller.hits + poller.misses)
+
+        try:
+            await asyncio.to_thread(client)
+        finally:
+            await server.shutdown()
+            await vol.close()
+            aio.configure_idle_poll(0)
+        assert polls[1] == polls[0] + 1, polls  # the lone reply: one poll
+        assert polls[2] == polls[1], polls  # the batch's replies: none
+
+    run(main())

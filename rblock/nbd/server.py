@@ -62,6 +62,9 @@ from rblock.store.device import BlockDevice
 
 log = logging.getLogger("rblock.nbd")
 
+# The busy poll (rblock/aio.py IdlePoller) runs after a pass that sent at most this many
+# replies: the case of a client that waits for each one (queue depth 1 or 2).
+POLL_AFTER_REPLIES_MAX = 2
 INFLIGHT_REQUESTS_MAX = 64
 INFLIGHT_BYTES_MAX = 64 * 1024 * 1024
 SPARSE_READ_MIN_BYTES = 64 * 1024  # smaller READs skip hole detection (two lseeks)
@@ -402,8 +405,17 @@ class Connection(asyncio.BufferedProtocol):
         if poller is not None and not ev.tls and sock is not None:
             self._poller, self._fd = poller, sock.fileno()
             poller.add(self._fd, self)
-            self._out.sent = poller.arm
+            self._out.sent = self._sent
         self._process()
+
+    def _sent(self) -> None:
+        """The pass's replies went out: poll for the next request if the client seems to
+        wait for each (POLL_AFTER_REPLIES_MAX). A client that keeps a queue full sends more
+        while we work, its requests come in batches, and polling would only cut those batches
+        into more, smaller passes: fio 4k randwrite QD16, 3 s x 2 alternating, 115k IOPS
+        polling after every pass -> 136k; QD1 unchanged (20.8k -> 21.4k)."""
+        if self._out.flushed_writes <= POLL_AFTER_REPLIES_MAX:  # type: ignore[union-attr]
+            self._poller.arm()  # type: ignore[union-attr]
 
     def pollable(self) -> bool:
         """IdlePoller may read our socket: transmitting, not paused, not closing."""
