@@ -21,7 +21,6 @@ import argparse
 import os
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +33,7 @@ import run  # noqa: E402 -- the benchmark's own server and fio helpers
 from rblock.nbd import proto as p  # noqa: E402
 from rblock.nbd.handshake import Close, ExportInfo, Handshake, Negotiated  # noqa: E402
 
-REQUEST = struct.Struct(">IHHQQI")
-REQUEST_BYTES = REQUEST.size
-SIMPLE_REPLY = struct.Struct(">IIQ")
+REQUEST_BYTES = p.REQUEST.size
 
 
 class OneExport:
@@ -71,8 +68,8 @@ def serve_one(conn: socket.socket, fd: int, size_bytes: int) -> None:
     view = memoryview(buf)
     have = len(rest)
     buf[:have] = rest
-    unpack = REQUEST.unpack_from
-    reply = SIMPLE_REPLY.pack
+    unpack = p.REQUEST.unpack_from
+    reply = p.SIMPLE_REPLY.pack
     pwrite = os.pwrite
     while True:
         pos = 0

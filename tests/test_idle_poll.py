@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import uvloop
@@ -237,7 +238,7 @@ def test_an_nbd_connection_polls_after_a_lone_reply_not_after_a_batch(tmp_path):
     from rblock.nbd.server import POLL_AFTER_REPLIES_MAX, Export, ExportCatalog, NBDServer
     from rblock.store.volume import FileVolume
     from tests.conftest import make_image
-    from tests.nbdwire import CMD_WRITE, Raw
+    from tests.nbdwire import CMD_WRITE, REQUEST_MAGIC, Raw
 
     batch = 4 * POLL_AFTER_REPLIES_MAX
 
@@ -253,7 +254,6 @@ def test_an_nbd_connection_polls_after_a_lone_reply_not_after_a_batch(tmp_path):
         polls: list[int] = []
 
         def client() -> None:
-            import time
             with Raw(f"nbd://{host}:{port}/d") as c:
                 c.start()
                 c.go("d")
@@ -263,8 +263,8 @@ def test_an_nbd_connection_polls_after_a_lone_reply_not_after_a_batch(tmp_path):
                 assert c.simple_reply() == (0, 1)
                 time.sleep(0.05)  # the poll after that reply ends (a miss)
                 polls.append(poller.hits + poller.misses)
-                c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, h, h * 512,
-                                            512) + b"b" * 512 for h in range(2, batch + 2)))
+                c.send(b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, h,
+                                            h * 512, 512) + b"b" * 512 for h in range(2, batch + 2)))
                 for h in range(2, batch + 2):
                     assert c.simple_reply() == (0, h)
                 time.sleep(0.05)

@@ -42,8 +42,6 @@ class RequestError(Exception):
 
 
 _WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
-_WRITE = p.CMD_WRITE
-_NOT_FUA = ~p.CMD_FLAG_FUA
 _RANGED = (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_CACHE,
            p.CMD_BLOCK_STATUS)
 # command -> capability that must be true for the command to be accepted
@@ -77,10 +75,9 @@ def transmission_flags(caps: Capabilities) -> int:
 
 
 def check_request(req: p.Request, s: Session) -> None:
-    """Raise RequestError if REQ must be refused. Framing problems are the caller's."""
-    if (req.type == _WRITE and not req.flags & _NOT_FUA
-            and req.offset + req.length <= s.size_bytes and not s.caps.read_only):
-        return  # the common WRITE, accepted without the general checks below
+    """Raise RequestError if REQ must be refused. Framing problems are the caller's. (The
+    server accepts the common WRITE, no flag but FUA, in range, on a writable export, in
+    its receive loop without calling this: nbd/server.py `_process`.)"""
     allowed = p.CMD_FLAGS_ALLOWED.get(req.type)
     if allowed is None:
         raise RequestError(p.EINVAL, f"unknown command {req.type}")
